@@ -1,0 +1,238 @@
+"""The one place that reads and writes a PEFT LoRA model on behalf of the strategies.
+
+Strategies work on ``{layer name: LowRank(B, A)}`` in the weight orientation (``W`` is out x in). This
+module maps that onto PEFT's LoRA layers: ``lora_B.weight`` is ``B`` and ``lora_A.weight`` is ``A`` for
+``nn.Linear`` and for transformers' ``Conv1D`` alike, while the *base* weight of a ``Conv1D``
+(``fan_in_fan_out=True``) is stored transposed, which is handled here and nowhere else.
+
+Layer names are the adapted modules' names in the *base* model (``encoder.layer.0.attention.self.query``),
+so they match ``target_modules`` and the keys of an exported adapter.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterable, Iterator, Mapping
+
+import torch
+from peft.tuners.lora import LoraLayer
+from torch import nn
+
+from .linalg import LowRank
+from .state import LayerSpec
+
+_PEFT_PREFIX = "base_model.model."
+
+
+def _strip_prefix(name: str) -> str:
+    return name[len(_PEFT_PREFIX) :] if name.startswith(_PEFT_PREFIX) else name
+
+
+def lora_layers(model: nn.Module, adapter_name: str = "default") -> dict[str, LoraLayer]:
+    """Every LoRA layer of ``model`` that carries ``adapter_name``, keyed by its base-model module name."""
+    layers = {
+        _strip_prefix(name): module
+        for name, module in model.named_modules()
+        if isinstance(module, LoraLayer) and adapter_name in getattr(module, "lora_A", {})
+    }
+    if not layers:
+        raise ValueError(
+            f"the model has no LoRA layer with adapter {adapter_name!r}; wrap it with "
+            "peft.get_peft_model(model, config) first"
+        )
+    return layers
+
+
+def _base_weight(layer: LoraLayer) -> torch.Tensor:
+    return layer.get_base_layer().weight
+
+
+def _to_weight_orientation(tensor: torch.Tensor, layer: LoraLayer) -> torch.Tensor:
+    return tensor.mT if getattr(layer, "fan_in_fan_out", False) else tensor
+
+
+def layer_specs(model: nn.Module, adapter_name: str = "default") -> dict[str, LayerSpec]:
+    """Shape, rank and scale of every adapted layer (scale = ``lora_alpha / r``, or ``/ sqrt(r)`` with rsLoRA)."""
+    specs = {}
+    for name, layer in lora_layers(model, adapter_name).items():
+        A = layer.lora_A[adapter_name].weight
+        B = layer.lora_B[adapter_name].weight
+        specs[name] = LayerSpec(
+            out_features=B.shape[0],
+            in_features=A.shape[1],
+            rank=A.shape[0],
+            scale=float(layer.scaling[adapter_name]),
+        )
+    return specs
+
+
+def get_factors(model: nn.Module, adapter_name: str = "default") -> dict[str, LowRank]:
+    """Detached copies of every layer's ``(B, A)``."""
+    return {
+        name: LowRank(
+            layer.lora_B[adapter_name].weight.detach().clone(), layer.lora_A[adapter_name].weight.detach().clone()
+        )
+        for name, layer in lora_layers(model, adapter_name).items()
+    }
+
+
+def live_factors(model: nn.Module, adapter_name: str = "default") -> dict[str, LowRank]:
+    """The adapter's parameters themselves (they carry gradients), for a strategy's loss term."""
+    return {
+        name: LowRank(layer.lora_B[adapter_name].weight, layer.lora_A[adapter_name].weight)
+        for name, layer in lora_layers(model, adapter_name).items()
+    }
+
+
+@torch.no_grad()
+def set_factors(
+    model: nn.Module,
+    factors: Mapping[str, LowRank],
+    adapter_name: str = "default",
+    *,
+    train_A: bool = True,
+    train_B: bool = True,
+) -> None:
+    """Load ``factors`` into the adapter and set which factor local training may change."""
+    layers = lora_layers(model, adapter_name)
+    missing = sorted(set(layers) - set(factors))
+    if missing:
+        raise ValueError(f"no factors given for adapted layer(s) {missing[:3]}")
+    for name, layer in layers.items():
+        A = layer.lora_A[adapter_name].weight
+        B = layer.lora_B[adapter_name].weight
+        if tuple(factors[name].A.shape) != tuple(A.shape) or tuple(factors[name].B.shape) != tuple(B.shape):
+            raise ValueError(
+                f"factors for {name!r} have shapes B{tuple(factors[name].B.shape)} A{tuple(factors[name].A.shape)}, "
+                f"the layer has B{tuple(B.shape)} A{tuple(A.shape)}"
+            )
+        A.copy_(factors[name].A)
+        B.copy_(factors[name].B)
+        A.requires_grad_(train_A)
+        B.requires_grad_(train_B)
+
+
+def base_weights(model: nn.Module, adapter_name: str = "default") -> dict[str, torch.Tensor]:
+    """Detached copies of the frozen ``W`` of every adapted layer, out x in."""
+    return {
+        name: _to_weight_orientation(_base_weight(layer).detach(), layer).clone()
+        for name, layer in lora_layers(model, adapter_name).items()
+    }
+
+
+@torch.no_grad()
+def add_to_base_weights(
+    model: nn.Module, deltas: Mapping[str, torch.Tensor | LowRank], adapter_name: str = "default"
+) -> None:
+    """``W += delta`` for every layer in ``deltas`` (a merge; ``LowRank`` deltas are formed densely here)."""
+    layers = lora_layers(model, adapter_name)
+    for name, delta in deltas.items():
+        if name not in layers:
+            raise KeyError(f"backbone update for {name!r}, which is not an adapted layer")
+        weight = _base_weight(layers[name])
+        dense = delta.dense() if isinstance(delta, LowRank) else delta
+        weight.add_(_to_weight_orientation(dense, layers[name]).to(weight.dtype))
+
+
+@contextlib.contextmanager
+def backbone_offsets(
+    model: nn.Module, offsets: Mapping[str, torch.Tensor], adapter_name: str = "default"
+) -> Iterator[None]:
+    """Temporarily add ``offsets`` to the frozen weights; the originals are restored bit for bit.
+
+    Restoring from a copy (not by subtracting) keeps the shared backbone identical whichever clients a
+    process simulated, which the multi-process runtime's equivalence relies on.
+    """
+    if not offsets:
+        yield
+        return
+    layers = lora_layers(model, adapter_name)
+    saved = {name: _base_weight(layers[name]).detach().clone() for name in offsets}
+    try:
+        add_to_base_weights(model, offsets, adapter_name)
+        yield
+    finally:
+        with torch.no_grad():
+            for name, original in saved.items():
+                _base_weight(layers[name]).copy_(original)
+
+
+def trainable_extra_names(model: nn.Module) -> list[str]:
+    """Names of the trainable parameters that are not LoRA factors (heads, ``modules_to_save``)."""
+    return [
+        name
+        for name, param in model.named_parameters()
+        if param.requires_grad and "lora_A." not in name and "lora_B." not in name
+    ]
+
+
+def get_extras(model: nn.Module, names: Iterable[str]) -> dict[str, torch.Tensor]:
+    params = dict(model.named_parameters())
+    return {name: params[name].detach().clone() for name in names}
+
+
+@torch.no_grad()
+def set_extras(model: nn.Module, extras: Mapping[str, torch.Tensor]) -> None:
+    params = dict(model.named_parameters())
+    for name, value in extras.items():
+        if name not in params:
+            raise KeyError(f"the model has no parameter {name!r} to load")
+        params[name].copy_(value)
+
+
+@contextlib.contextmanager
+def adapters_disabled(model: nn.Module, adapter_name: str = "default") -> Iterator[None]:
+    """Run the backbone alone: LoRA layers skip their adapter (heads and ``modules_to_save`` stay active)."""
+    layers = lora_layers(model, adapter_name).values()
+    flags = [layer._disable_adapters for layer in layers]
+    try:
+        for layer in layers:
+            layer._disable_adapters = True
+        yield
+    finally:
+        for layer, flag in zip(layers, flags):
+            layer._disable_adapters = flag
+
+
+def full_weight_gradients(
+    model: nn.Module,
+    batches: Iterable[Mapping[str, torch.Tensor]],
+    loss_fn: Callable[[nn.Module, Mapping[str, torch.Tensor]], torch.Tensor],
+    offsets: Mapping[str, torch.Tensor] | None = None,
+    adapter_name: str = "default",
+) -> dict[str, torch.Tensor]:
+    """Mean ``dLoss/dW`` of every adapted layer over ``batches``, at ``W + offsets``, adapters out.
+
+    Only the adapted base weights get gradients (everything else is frozen for the duration), and every
+    ``requires_grad`` flag and ``.grad`` is put back as it was, so training state is untouched.
+    """
+    layers = lora_layers(model, adapter_name)
+    params = list(model.parameters())
+    flags = [p.requires_grad for p in params]
+    old_grads = [p.grad for p in params]
+    weights = {name: _base_weight(layer) for name, layer in layers.items()}
+    sums = {name: torch.zeros_like(w, dtype=torch.float32) for name, w in weights.items()}
+    count = 0
+    was_training = model.training
+    try:
+        for p in params:
+            p.requires_grad_(False)
+            p.grad = None
+        for w in weights.values():
+            w.requires_grad_(True)
+        model.eval()  # no dropout: the estimate should not depend on the dropout RNG stream
+        with backbone_offsets(model, offsets or {}, adapter_name), adapters_disabled(model, adapter_name):
+            for batch in batches:
+                loss = loss_fn(model, batch)
+                grads = torch.autograd.grad(loss, list(weights.values()))
+                for (name, _), grad in zip(weights.items(), grads):
+                    sums[name] += grad.float()
+                count += 1
+    finally:
+        for p, flag, grad in zip(params, flags, old_grads):
+            p.requires_grad_(flag)
+            p.grad = grad
+        model.train(was_training)
+    if count == 0:
+        raise ValueError("full_weight_gradients got no batch: the client has no data for gradient estimation")
+    return {name: _to_weight_orientation(total / count, layers[name]).contiguous() for name, total in sums.items()}

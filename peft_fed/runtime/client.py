@@ -1,0 +1,88 @@
+"""The client side of a round on a real PEFT model, shared by every runtime.
+
+:func:`run_client_round` turns a strategy's :class:`ClientStart` into adapter weights and a backbone
+offset on the model, lets the runtime train (the Trainer's loop in simulation, a Flower client's
+loop in deployment), and turns the trained adapter back into the strategy's upload. It holds no
+method-specific maths: that stays in the strategy.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .. import peft_bridge
+from ..linalg import LowRank
+from ..state import Broadcast, ClientStart, ClientState, Upload
+from ..strategies.base import Strategy
+
+LossFn = Callable[[nn.Module, Mapping[str, torch.Tensor]], torch.Tensor]
+
+
+@dataclass
+class ClientRoundResult:
+    upload: Upload
+    client_state: ClientState
+    trained: dict[str, LowRank]
+    """The client's full trained factors (diagnostics need them even when only one factor is uploaded)."""
+    start: ClientStart
+    train_output: object = None
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def merge_broadcast_into_backbone(model: nn.Module, broadcast: Broadcast, adapter_name: str = "default") -> None:
+    """A deployed client's own copy of the backbone catches up with the server's merges."""
+    for update in broadcast.backbone_updates:
+        peft_bridge.add_to_base_weights(model, update, adapter_name)
+
+
+def run_client_round(
+    model: nn.Module,
+    strategy: Strategy,
+    broadcast: Broadcast,
+    client_state: ClientState,
+    *,
+    train: Callable[[ClientStart], object],
+    num_samples: int,
+    gradient_batches: Callable[[], Iterable[Mapping[str, torch.Tensor]]] | None = None,
+    loss_fn: LossFn | None = None,
+    extra_names: Iterable[str] = (),
+    adapter_name: str = "default",
+) -> ClientRoundResult:
+    """One client's round: ``client_begin`` -> load -> ``train(start)`` -> read back -> ``client_end``.
+
+    ``train`` runs the local optimisation on ``model`` (whose adapter and backbone offset are already
+    set) and may return anything (e.g. the Trainer's output); it should add
+    ``strategy.client_loss(peft_bridge.live_factors(model), start)`` to its loss when that is not None.
+    ``gradient_batches``/``loss_fn`` feed FedSmoothLoRA's gradient estimate. The backbone is restored
+    exactly afterwards; the model's adapter then holds the trained factors.
+    """
+    timings: dict[str, float] = {}
+    gradient_fn = None
+    if strategy.needs_gradient:
+        if gradient_batches is None or loss_fn is None:
+            raise ValueError(f"{strategy.name} needs gradient_batches and loss_fn for its initialisation")
+
+        def gradient_fn(offsets):
+            return peft_bridge.full_weight_gradients(model, gradient_batches(), loss_fn, offsets, adapter_name)
+
+    tic = time.perf_counter()
+    start = strategy.client_begin(broadcast, client_state, gradient_fn)
+    timings["init_seconds"] = time.perf_counter() - tic
+    peft_bridge.set_factors(model, start.factors, adapter_name, train_A=start.train_A, train_B=start.train_B)
+    if start.extras:
+        peft_bridge.set_extras(model, start.extras)
+    tic = time.perf_counter()
+    with peft_bridge.backbone_offsets(model, start.backbone_offsets, adapter_name):
+        train_output = train(start)
+    timings["train_seconds"] = time.perf_counter() - tic
+    trained = peft_bridge.get_factors(model, adapter_name)
+    extras = peft_bridge.get_extras(model, extra_names)
+    upload, new_state = strategy.client_end(
+        trained, extras, start, client_state, num_samples, broadcast.backbone_version
+    )
+    return ClientRoundResult(upload, new_state, trained, start, train_output, timings)

@@ -1,0 +1,354 @@
+"""The one interface every federated LoRA method implements.
+
+A strategy is pure tensor code over per-layer LoRA factors (in the weight orientation, ``W`` is
+out x in). It never imports a trainer, a model or a transport, so the in-process simulation, the
+multi-process Accelerate runtime and a Flower deployment all drive the same object:
+
+    server:  state = init_server(...)                       once
+             broadcast = configure(state, client_version)   per sampled client
+             result = aggregate(state, uploads)             per round -> new state, backbone update
+    client:  start = client_begin(broadcast, client_state, gradient_fn)
+             ... local training on start.factors (+ client_loss) ...
+             upload, client_state = client_end(trained, extras, start, client_state, num_samples)
+
+States are never mutated: ``aggregate`` and ``client_end`` return new objects, so a rejected
+aggregation leaves the server exactly as it was.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import warnings
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import ClassVar, Literal
+
+import torch
+
+from ..linalg import LowRank, SvdMethod, stack_low_rank
+from ..state import (
+    Broadcast,
+    ClientStart,
+    ClientState,
+    LayerSpec,
+    LayerTensors,
+    ServerState,
+    Upload,
+    sample_weights,
+)
+
+logger = logging.getLogger(__name__)
+
+GradientFn = Callable[[Mapping[str, torch.Tensor]], dict[str, torch.Tensor]]
+"""``gradient_fn(offsets) -> {layer: dLoss/dW}``: the mean full-weight gradient of each adapted layer over
+the client's gradient-estimation batches, taken at ``W + offsets[layer]`` with the adapters out of the
+forward pass. Supplied by the runtime (it owns the model and the data)."""
+
+InvalidUploadPolicy = Literal["drop", "raise"]
+
+
+class InvalidUploadError(ValueError):
+    """An upload that does not match the model (missing layer, wrong shape, NaN/Inf, no samples)."""
+
+
+class NoValidUploadsError(RuntimeError):
+    """Every upload of a round was invalid; the server state is left unchanged."""
+
+
+@dataclass
+class AggregationResult:
+    """What ``Strategy.aggregate`` returns.
+
+    Attributes:
+        state: the new server state (the old one is untouched).
+        backbone_update: per-layer low-rank delta to add to ``W`` this round (scale included), or empty
+            for methods that do not merge.
+        global_B: the new global ``B`` per layer, used for the basis-overlap diagnostic (``None`` for
+            methods without one: the diagnostic then uses the aggregated update's left singular vectors).
+        accepted: client ids whose uploads were aggregated, in order; ``weights`` their ``p_c``.
+        dropped: ``(client id, reason)`` for every rejected upload.
+    """
+
+    state: ServerState
+    backbone_update: dict[str, LowRank]
+    global_B: dict[str, torch.Tensor] | None
+    accepted: list[str]
+    weights: list[float]
+    dropped: list[tuple[str, str]] = field(default_factory=list)
+
+
+def lora_default_init(spec: LayerSpec, generator: torch.Generator, dtype: torch.dtype) -> LowRank:
+    """PEFT's default LoRA init: ``A`` Kaiming-uniform with ``a = sqrt(5)`` (as ``nn.Linear``), ``B = 0``."""
+    bound = 1.0 / math.sqrt(spec.in_features)  # kaiming_uniform_(a=sqrt(5)) on a (r x n) weight
+    A = (torch.rand(spec.A_shape, generator=generator, dtype=dtype) * 2 - 1) * bound
+    return LowRank(torch.zeros(spec.B_shape, dtype=dtype), A)
+
+
+class Strategy(ABC):
+    """Base class of every federated LoRA method.
+
+    Args:
+        specs: the adapted layers, ``{layer name: LayerSpec}``.
+        seed: seeds every random tensor the method creates (initial factors), so runs are reproducible.
+        invalid_upload: ``"drop"`` (default) drops an invalid upload, logs why and aggregates the rest;
+            ``"raise"`` rejects the whole aggregation with :class:`InvalidUploadError`. In both cases the
+            server state never half-changes.
+        dtype: dtype of the factors the method creates and aggregates in.
+    """
+
+    name: ClassVar[str]
+    #: the tensors each client uploads per layer
+    uploaded: ClassVar[tuple[str, ...]] = ("B", "A")
+    #: whether aggregation changes the backbone (then the result must be exported as a delta)
+    merges_into_backbone: ClassVar[bool] = False
+    #: whether ``client_begin`` needs a ``gradient_fn``
+    needs_gradient: ClassVar[bool] = False
+
+    def __init__(
+        self,
+        specs: Mapping[str, LayerSpec],
+        *,
+        seed: int = 0,
+        invalid_upload: InvalidUploadPolicy = "drop",
+        dtype: torch.dtype = torch.float32,
+        svd_method: SvdMethod = "auto",
+    ) -> None:
+        if not specs:
+            raise ValueError(f"{type(self).__name__} needs at least one adapted layer")
+        if invalid_upload not in ("drop", "raise"):
+            raise ValueError(f"invalid_upload must be 'drop' or 'raise', got {invalid_upload!r}")
+        if svd_method not in ("auto", "full", "randomized"):
+            raise ValueError(f"svd_method must be 'auto', 'full' or 'randomized', got {svd_method!r}")
+        self.specs = dict(specs)
+        self.seed = seed
+        self.invalid_upload = invalid_upload
+        self.dtype = dtype
+        self.svd_method: SvdMethod = svd_method
+
+    # ------------------------------------------------------------------ server side
+
+    def init_server(
+        self,
+        *,
+        extras: Mapping[str, torch.Tensor] | None = None,
+        base_weights: Mapping[str, torch.Tensor] | None = None,
+    ) -> tuple[ServerState, dict[str, LowRank]]:
+        """The state before round 0, and a backbone update to apply once before training (FRLoRA only).
+
+        ``extras`` are the initial non-LoRA trainable tensors (heads); ``base_weights`` the frozen
+        ``W`` of each adapted layer, needed only by methods that initialise from it.
+        """
+        generator = torch.Generator().manual_seed(self.seed)
+        layers = self._init_layers(generator, base_weights)
+        state = ServerState(
+            round=0, layers=layers, extras={k: v.detach().clone() for k, v in (extras or {}).items()}
+        )
+        initial_update = self._initial_backbone_update(state)
+        if initial_update:
+            state.backbone_history.append(initial_update)
+        return state, initial_update
+
+    def _init_layers(
+        self, generator: torch.Generator, base_weights: Mapping[str, torch.Tensor] | None
+    ) -> LayerTensors:
+        layers: LayerTensors = {}
+        for name, spec in self.specs.items():
+            init = lora_default_init(spec, generator, self.dtype)
+            layers[name] = {"B": init.B, "A": init.A}
+        return layers
+
+    def _initial_backbone_update(self, state: ServerState) -> dict[str, LowRank]:
+        return {}
+
+    def configure(self, state: ServerState, client: ClientState | None = None) -> Broadcast:
+        """The downlink message for one client.
+
+        Only the client's metadata is read (``backbone_version``, ``last_round``), never its tensors, so a
+        deployed server can pass what the client reported. ``None`` means a client seen for the first time.
+        """
+        client = client if client is not None else ClientState(client_id="")
+        return Broadcast(
+            round=state.round,
+            layers=self._broadcast_layers(state, client),
+            backbone_updates=(
+                state.updates_since(client.backbone_version) if self.merges_into_backbone else []
+            ),
+            backbone_version=state.backbone_version,
+            extras=dict(state.extras),
+        )
+
+    def _broadcast_layers(self, state: ServerState, client: ClientState) -> LayerTensors:
+        return {name: dict(tensors) for name, tensors in state.layers.items()}
+
+    def aggregate(self, state: ServerState, uploads: Sequence[Upload]) -> AggregationResult:
+        """Validate the uploads, weight them by sample count, and compute the next server state."""
+        valid, dropped = self._validate(state, uploads)
+        if not valid:
+            raise NoValidUploadsError(
+                f"round {state.round}: no valid upload to aggregate "
+                f"({'; '.join(f'{c}: {r}' for c, r in dropped) or 'no uploads'}); the server state is unchanged"
+            )
+        weights = sample_weights(u.num_samples for u in valid)
+        new_layers, backbone_update, global_B = self._aggregate_layers(state, valid, weights)
+        new_extras = {
+            key: sum(w * u.extras[key].to(torch.float64) for w, u in zip(weights, valid)).to(value.dtype)
+            for key, value in state.extras.items()
+        }
+        history = list(state.backbone_history)
+        if backbone_update:
+            history.append(backbone_update)
+        new_state = ServerState(
+            round=state.round + 1, layers=new_layers, extras=new_extras, backbone_history=history
+        )
+        return AggregationResult(
+            state=new_state,
+            backbone_update=backbone_update,
+            global_B=global_B,
+            accepted=[u.client_id for u in valid],
+            weights=weights,
+            dropped=dropped,
+        )
+
+    @abstractmethod
+    def _aggregate_layers(
+        self, state: ServerState, uploads: Sequence[Upload], weights: Sequence[float]
+    ) -> tuple[LayerTensors, dict[str, LowRank], dict[str, torch.Tensor] | None]:
+        """Per-layer aggregation: ``(new server layers, backbone update, global B for diagnostics)``."""
+
+    def _validate(
+        self, state: ServerState, uploads: Sequence[Upload]
+    ) -> tuple[list[Upload], list[tuple[str, str]]]:
+        valid: list[Upload] = []
+        dropped: list[tuple[str, str]] = []
+        seen: set[str] = set()
+        for upload in uploads:
+            problem = self._upload_problem(state, upload)
+            if problem is None and upload.client_id in seen:
+                problem = "duplicate upload from the same client in one round"
+            if problem is None:
+                valid.append(upload)
+                seen.add(upload.client_id)
+                continue
+            message = f"round {state.round}: upload of client {upload.client_id!r} rejected: {problem}"
+            if self.invalid_upload == "raise":
+                raise InvalidUploadError(message + " (invalid_upload='raise': nothing was aggregated)")
+            logger.warning(message + "; dropping this client for the round")
+            warnings.warn(message, stacklevel=3)
+            dropped.append((upload.client_id, problem))
+        return valid, dropped
+
+    def _upload_problem(self, state: ServerState, upload: Upload) -> str | None:
+        if upload.num_samples <= 0:
+            return f"num_samples must be positive, got {upload.num_samples}"
+        missing = sorted(set(self.specs) - set(upload.layers))
+        if missing:
+            return f"missing layer(s) {missing[:3]}{'...' if len(missing) > 3 else ''}"
+        unknown = sorted(set(upload.layers) - set(self.specs))
+        if unknown:
+            return f"unknown layer(s) {unknown[:3]}"
+        for name, spec in self.specs.items():
+            tensors = upload.layers[name]
+            for key in self.uploaded:
+                if key not in tensors:
+                    return f"layer {name!r} lacks tensor {key!r}"
+                expected = self._uploaded_shape(spec, key)
+                if tuple(tensors[key].shape) != expected:
+                    return f"layer {name!r} tensor {key!r} has shape {tuple(tensors[key].shape)}, expected {expected}"
+                if not torch.isfinite(tensors[key]).all():
+                    return f"layer {name!r} tensor {key!r} contains NaN or Inf"
+        for key, reference in state.extras.items():
+            if key not in upload.extras:
+                return f"missing extra tensor {key!r}"
+            if upload.extras[key].shape != reference.shape:
+                return f"extra tensor {key!r} has shape {tuple(upload.extras[key].shape)}, expected {tuple(reference.shape)}"
+            if not torch.isfinite(upload.extras[key]).all():
+                return f"extra tensor {key!r} contains NaN or Inf"
+        return None
+
+    def _uploaded_shape(self, spec: LayerSpec, key: str) -> tuple[int, int]:
+        return {"B": spec.B_shape, "A": spec.A_shape}[key]
+
+    # ------------------------------------------------------------------ client side
+
+    def client_begin(
+        self,
+        broadcast: Broadcast,
+        client_state: ClientState,
+        gradient_fn: GradientFn | None = None,
+    ) -> ClientStart:
+        """The starting point of a client's local training. Default: the broadcast factors, both trained."""
+        return ClientStart(
+            round=broadcast.round,
+            factors={name: LowRank(t["B"], t["A"]) for name, t in broadcast.layers.items()},
+            extras=dict(broadcast.extras),
+        )
+
+    def client_loss(self, factors: Mapping[str, LowRank], start: ClientStart) -> torch.Tensor | None:
+        """An extra term added to the task loss during local training (``None``: nothing to add).
+
+        ``factors`` are the live adapter tensors (they carry gradients).
+        """
+        return None
+
+    def client_end(
+        self,
+        trained: Mapping[str, LowRank],
+        extras: Mapping[str, torch.Tensor],
+        start: ClientStart,
+        client_state: ClientState,
+        num_samples: int,
+        backbone_version: int,
+    ) -> tuple[Upload, ClientState]:
+        """The upload after local training and the client's new state. Default: upload ``B`` and ``A``."""
+        layers = {name: {"B": f.B.detach().clone(), "A": f.A.detach().clone()} for name, f in trained.items()}
+        return self._upload(client_state, num_samples, layers, extras), self._next_client_state(
+            client_state, start, backbone_version
+        )
+
+    # ------------------------------------------------------------------ helpers for subclasses
+
+    def _upload(
+        self,
+        client_state: ClientState,
+        num_samples: int,
+        layers: LayerTensors,
+        extras: Mapping[str, torch.Tensor],
+    ) -> Upload:
+        return Upload(
+            client_id=client_state.client_id,
+            num_samples=num_samples,
+            layers=layers,
+            extras={k: v.detach().clone() for k, v in extras.items()},
+        )
+
+    @staticmethod
+    def _next_client_state(
+        client_state: ClientState,
+        start: ClientStart,
+        backbone_version: int,
+        layers: LayerTensors | None = None,
+    ) -> ClientState:
+        return ClientState(
+            client_id=client_state.client_id,
+            last_round=start.round,
+            backbone_version=backbone_version,
+            layers=layers if layers is not None else client_state.layers,
+            extras=client_state.extras,
+        )
+
+    @staticmethod
+    def _weighted_mean(uploads: Sequence[Upload], weights: Sequence[float], layer: str, key: str) -> torch.Tensor:
+        tensors = [u.layers[layer][key] for u in uploads]
+        out = sum(w * t.to(torch.float64) for w, t in zip(weights, tensors))
+        return out.to(tensors[0].dtype)
+
+    @staticmethod
+    def _weighted_product_sum(
+        uploads: Sequence[Upload], weights: Sequence[float], layer: str, scale: float = 1.0
+    ) -> LowRank:
+        """Exact factors of ``scale * sum_c p_c B_c A_c`` (stacked, rank ``|S_t| r``)."""
+        return stack_low_rank(
+            [(scale * w, LowRank(u.layers[layer]["B"], u.layers[layer]["A"])) for w, u in zip(weights, uploads)]
+        )

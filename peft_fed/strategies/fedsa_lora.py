@@ -1,0 +1,59 @@
+"""FedSA-LoRA: both factors trained, only ``A`` shared and averaged; each client keeps its own ``B``.
+
+``A`` captures general knowledge and ``B`` client-specific knowledge (Guo et al., 2025). A client that
+has never trained starts from ``B = 0``, as a fresh LoRA does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+
+from ..linalg import LowRank
+from ..state import Broadcast, ClientStart, ClientState, LayerTensors, ServerState, Upload
+from .base import GradientFn, Strategy
+
+
+class FedSALoRA(Strategy):
+    name = "fedsa_lora"
+    uploaded = ("A",)
+
+    def _broadcast_layers(self, state: ServerState, client: ClientState) -> LayerTensors:
+        return {name: {"A": t["A"]} for name, t in state.layers.items()}
+
+    def client_begin(
+        self, broadcast: Broadcast, client_state: ClientState, gradient_fn: GradientFn | None = None
+    ) -> ClientStart:
+        factors = {}
+        for name, tensors in broadcast.layers.items():
+            own = client_state.layers.get(name)
+            B = own["B"] if own is not None else torch.zeros(self.specs[name].B_shape, dtype=tensors["A"].dtype)
+            factors[name] = LowRank(B, tensors["A"])
+        return ClientStart(round=broadcast.round, factors=factors, extras=dict(broadcast.extras))
+
+    def client_end(
+        self,
+        trained: Mapping[str, LowRank],
+        extras: Mapping[str, torch.Tensor],
+        start: ClientStart,
+        client_state: ClientState,
+        num_samples: int,
+        backbone_version: int,
+    ) -> tuple[Upload, ClientState]:
+        shared = {name: {"A": f.A.detach().clone()} for name, f in trained.items()}
+        private = {name: {"B": f.B.detach().clone()} for name, f in trained.items()}
+        return (
+            self._upload(client_state, num_samples, shared, extras),
+            self._next_client_state(client_state, start, backbone_version, private),
+        )
+
+    def _aggregate_layers(
+        self, state: ServerState, uploads: Sequence[Upload], weights: Sequence[float]
+    ) -> tuple[LayerTensors, dict[str, LowRank], dict[str, torch.Tensor] | None]:
+        # The server never sees a B; it keeps only the shared A (the diagnostics use the clients' own B).
+        layers = {
+            name: {"B": state.layers[name]["B"], "A": self._weighted_mean(uploads, weights, name, "A")}
+            for name in self.specs
+        }
+        return layers, {}, None

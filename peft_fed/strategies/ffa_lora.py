@@ -1,0 +1,60 @@
+"""FFA-LoRA: ``A`` frozen at a shared random init, only ``B`` trained and averaged.
+
+With ``A`` common to every client, ``mean(B) @ A == mean(B @ A)``: the aggregation is exact.
+The frozen ``A`` is sent only to a client that has never trained (it cannot have it yet); afterwards
+only ``B`` crosses the network in both directions, and the client reuses the ``A`` it keeps.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+
+from ..linalg import LowRank
+from ..state import Broadcast, ClientStart, ClientState, LayerTensors, ServerState, Upload
+from .base import GradientFn, Strategy
+
+
+class FFALoRA(Strategy):
+    name = "ffa_lora"
+    uploaded = ("B",)
+
+    def _broadcast_layers(self, state: ServerState, client: ClientState) -> LayerTensors:
+        if client.last_round is None:
+            return {name: dict(t) for name, t in state.layers.items()}
+        return {name: {"B": t["B"]} for name, t in state.layers.items()}
+
+    def client_begin(
+        self, broadcast: Broadcast, client_state: ClientState, gradient_fn: GradientFn | None = None
+    ) -> ClientStart:
+        factors = {}
+        for name, tensors in broadcast.layers.items():
+            A = tensors["A"] if "A" in tensors else client_state.layers[name]["A"]
+            factors[name] = LowRank(tensors["B"], A)
+        return ClientStart(round=broadcast.round, factors=factors, train_A=False, extras=dict(broadcast.extras))
+
+    def client_end(
+        self,
+        trained: Mapping[str, LowRank],
+        extras: Mapping[str, torch.Tensor],
+        start: ClientStart,
+        client_state: ClientState,
+        num_samples: int,
+        backbone_version: int,
+    ) -> tuple[Upload, ClientState]:
+        layers = {name: {"B": f.B.detach().clone()} for name, f in trained.items()}
+        kept_A = {name: {"A": f.A.detach().clone()} for name, f in start.factors.items()}
+        return (
+            self._upload(client_state, num_samples, layers, extras),
+            self._next_client_state(client_state, start, backbone_version, kept_A),
+        )
+
+    def _aggregate_layers(
+        self, state: ServerState, uploads: Sequence[Upload], weights: Sequence[float]
+    ) -> tuple[LayerTensors, dict[str, LowRank], dict[str, torch.Tensor] | None]:
+        layers = {
+            name: {"B": self._weighted_mean(uploads, weights, name, "B"), "A": state.layers[name]["A"]}
+            for name in self.specs
+        }
+        return layers, {}, {name: t["B"] for name, t in layers.items()}
