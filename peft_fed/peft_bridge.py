@@ -134,6 +134,21 @@ def add_to_base_weights(
         weight.add_(_to_weight_orientation(dense, layers[name]).to(weight.dtype))
 
 
+@torch.no_grad()
+def set_base_weights(model: nn.Module, weights: Mapping[str, torch.Tensor], adapter_name: str = "default") -> None:
+    """Overwrite the frozen ``W`` (out x in) of the given adapted layers exactly (e.g. from a checkpoint)."""
+    layers = lora_layers(model, adapter_name)
+    unknown = sorted(set(weights) - set(layers))
+    if unknown:
+        raise KeyError(f"weights given for {unknown[:3]}, which are not adapted layers")
+    for name, value in weights.items():
+        weight = _base_weight(layers[name])
+        oriented = _to_weight_orientation(value, layers[name])
+        if tuple(oriented.shape) != tuple(weight.shape):
+            raise ValueError(f"{name}: weight of shape {tuple(value.shape)} does not fit the layer")
+        weight.copy_(oriented.to(weight.dtype))
+
+
 @contextlib.contextmanager
 def backbone_offsets(
     model: nn.Module, offsets: Mapping[str, torch.Tensor], adapter_name: str = "default"
@@ -203,36 +218,63 @@ def full_weight_gradients(
 ) -> dict[str, torch.Tensor]:
     """Mean ``dLoss/dW`` of every adapted layer over ``batches``, at ``W + offsets``, adapters out.
 
-    Only the adapted base weights get gradients (everything else is frozen for the duration), and every
-    ``requires_grad`` flag and ``.grad`` is put back as it was, so training state is untouched.
+    The gradient is assembled from activations, ``dL/dW = sum_tokens (dL/dy)^T x``, captured by hooks on
+    the adapted layers, instead of asking autograd for the weights' own gradients. That needs no
+    ``requires_grad`` on the frozen weights and no weight-sized gradient buffers, and it works when the
+    weights are sharded (DeepSpeed ZeRO-3 gathers them in the forward pass; we never touch ``.grad``).
+    Dropout is off (eval mode) so the estimate does not depend on the dropout RNG stream; every
+    ``requires_grad`` flag, ``.grad`` and the training mode are restored afterwards.
     """
     layers = lora_layers(model, adapter_name)
-    params = list(model.parameters())
-    flags = [p.requires_grad for p in params]
-    old_grads = [p.grad for p in params]
-    weights = {name: _base_weight(layer) for name, layer in layers.items()}
-    sums = {name: torch.zeros_like(w, dtype=torch.float32) for name, w in weights.items()}
+    inputs: dict[str, torch.Tensor] = {}
+    outputs: dict[str, torch.Tensor] = {}
+
+    def capture(name: str):
+        def hook(module, args, output):
+            x = args[0]
+            inputs[name] = x.detach()
+            if not output.requires_grad:
+                # nothing upstream requires grad (everything is frozen): make this activation the leaf
+                output = output.detach().requires_grad_(True)
+            outputs[name] = output
+            return output
+
+        return hook
+
+    sums: dict[str, torch.Tensor] = {}
     count = 0
     was_training = model.training
+    params = list(model.parameters())
+    flags = [p.requires_grad for p in params]
+    handles = [layer.register_forward_hook(capture(name)) for name, layer in layers.items()]
     try:
         for p in params:
             p.requires_grad_(False)
-            p.grad = None
-        for w in weights.values():
-            w.requires_grad_(True)
-        model.eval()  # no dropout: the estimate should not depend on the dropout RNG stream
+        model.eval()
         with backbone_offsets(model, offsets or {}, adapter_name), adapters_disabled(model, adapter_name):
             for batch in batches:
+                inputs.clear()
+                outputs.clear()
                 loss = loss_fn(model, batch)
-                grads = torch.autograd.grad(loss, list(weights.values()))
-                for (name, _), grad in zip(weights.items(), grads):
-                    sums[name] += grad.float()
+                names = [n for n in layers if n in outputs]
+                if len(names) != len(layers):
+                    missing = sorted(set(layers) - set(names))
+                    raise RuntimeError(f"adapted layer(s) {missing[:3]} were not called by the forward pass")
+                grads = torch.autograd.grad(loss, [outputs[n] for n in names], allow_unused=True)
+                for name, grad_out in zip(names, grads):
+                    x = inputs[name]
+                    if grad_out is None:
+                        grad_out = torch.zeros_like(outputs[name])
+                    # (tokens x out)^T (tokens x in) = out x in, the weight orientation
+                    g = grad_out.reshape(-1, grad_out.shape[-1]).float().mT @ x.reshape(-1, x.shape[-1]).float()
+                    sums[name] = sums[name] + g if name in sums else g
                 count += 1
     finally:
-        for p, flag, grad in zip(params, flags, old_grads):
+        for handle in handles:
+            handle.remove()
+        for p, flag in zip(params, flags):
             p.requires_grad_(flag)
-            p.grad = grad
         model.train(was_training)
     if count == 0:
         raise ValueError("full_weight_gradients got no batch: the client has no data for gradient estimation")
-    return {name: _to_weight_orientation(total / count, layers[name]).contiguous() for name, total in sums.items()}
+    return {name: (total / count).contiguous() for name, total in sums.items()}

@@ -270,6 +270,22 @@ class Strategy(ABC):
     def _uploaded_shape(self, spec: LayerSpec, key: str) -> tuple[int, int]:
         return {"B": spec.B_shape, "A": spec.A_shape}[key]
 
+    def global_factors(
+        self, state: ServerState, client_states: Mapping[str, ClientState] | None = None
+    ) -> dict[str, LowRank]:
+        """The LoRA factors of the *global* model (what is evaluated and exported on top of the backbone).
+
+        Default: the server's ``B`` and ``A``. Methods that keep everything in the backbone return zero
+        ``B``; FedSA-LoRA, whose server never sees a ``B``, needs the clients' states.
+        """
+        return {name: LowRank(t["B"], t["A"]) for name, t in state.layers.items()}
+
+    def _zero_factors(self) -> dict[str, LowRank]:
+        return {
+            name: LowRank(torch.zeros(spec.B_shape, dtype=self.dtype), torch.zeros(spec.A_shape, dtype=self.dtype))
+            for name, spec in self.specs.items()
+        }
+
     # ------------------------------------------------------------------ client side
 
     def client_begin(

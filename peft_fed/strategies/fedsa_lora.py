@@ -22,6 +22,19 @@ class FedSALoRA(Strategy):
     def _broadcast_layers(self, state: ServerState, client: ClientState) -> LayerTensors:
         return {name: {"A": t["A"]} for name, t in state.layers.items()}
 
+    def global_factors(self, state, client_states=None) -> dict[str, LowRank]:
+        """Shared ``A`` with the mean of the clients' private ``B`` (uniform over clients that trained).
+
+        FedSA-LoRA is personalised: the server never sees a ``B``. For one global model to evaluate and
+        export, the simulation averages the clients' ``B``; without client states ``B`` is zero.
+        """
+        factors = {}
+        for name, spec in self.specs.items():
+            own = [c.layers[name]["B"] for c in (client_states or {}).values() if name in c.layers]
+            B = torch.stack(own).mean(0) if own else torch.zeros(spec.B_shape, dtype=self.dtype)
+            factors[name] = LowRank(B, state.layers[name]["A"])
+        return factors
+
     def client_begin(
         self, broadcast: Broadcast, client_state: ClientState, gradient_fn: GradientFn | None = None
     ) -> ClientStart:

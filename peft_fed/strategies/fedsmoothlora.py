@@ -128,6 +128,9 @@ class FedSmoothLoRA(Strategy):
     def _broadcast_layers(self, state: ServerState, client: ClientState) -> LayerTensors:
         return {}  # only the merged updates the client has not seen travel down
 
+    def global_factors(self, state, client_states=None) -> dict[str, LowRank]:
+        return self._zero_factors()  # the global model is the merged backbone
+
     def _aggregate_layers(
         self, state: ServerState, uploads: Sequence[Upload], weights: Sequence[float]
     ) -> tuple[LayerTensors, dict[str, LowRank], dict[str, torch.Tensor] | None]:
@@ -169,7 +172,7 @@ class FedSmoothLoRA(Strategy):
                 G,
                 2 * r,
                 method=self.svd_method,
-                oversampling=self.svd_oversampling,
+                oversampling=self.svd_oversampling or 4 * r,  # SPEC: q = 4r for the 2r vectors needed
                 power_iterations=self.svd_power_iterations,
                 generator_seed=self.seed,
             )

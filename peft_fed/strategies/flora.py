@@ -31,6 +31,9 @@ class FLoRA(Strategy):
         start.factors = {name: lora_default_init(spec, generator, self.dtype) for name, spec in self.specs.items()}
         return start
 
+    def global_factors(self, state, client_states=None) -> dict[str, LowRank]:
+        return self._zero_factors()  # everything is merged into the backbone
+
     def _aggregate_layers(
         self, state: ServerState, uploads: Sequence[Upload], weights: Sequence[float]
     ) -> tuple[LayerTensors, dict[str, LowRank], dict[str, torch.Tensor] | None]:

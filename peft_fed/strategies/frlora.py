@@ -46,6 +46,10 @@ class FRLoRA(Strategy):
             for name, spec in self.specs.items()
         }
 
+    def global_factors(self, state, client_states=None) -> dict[str, LowRank]:
+        # the residual backbone plus the principal factors every client restarts from
+        return {name: LowRank(t["B0"], t["A0"]) for name, t in state.layers.items()}
+
     def _broadcast_layers(self, state: ServerState, client: ClientState) -> LayerTensors:
         # (B_0, A_0) never change: a client that has trained before keeps them.
         if client.last_round is None:

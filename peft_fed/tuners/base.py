@@ -1,0 +1,150 @@
+"""Shared base of peft-fed's PEFT-native configs: a ``LoraConfig`` that names its federated method."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Collection
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from peft import LoraConfig
+from torch import nn
+
+from .layer_shapes import AdaptedLayerShape
+from .registration import (
+    FEDERATED_METHOD_FIELD,
+    instantiate_config,
+    is_lora_peft_type,
+    peft_from_peft_type,
+    resolve_config_class,
+)
+
+
+def check_real(
+    name: str,
+    value: Any,
+    *,
+    minimum: float | None = None,
+    maximum: float | None = None,
+    exclusive_minimum: bool = False,
+) -> float:
+    """``value`` as a finite float within the bounds, or a ``ValueError`` that names the field."""
+    # bool is an int subclass; True as a hyperparameter value is a mistake, not 1.0.
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"`{name}` must be a real number, got {value!r} ({type(value).__name__}).")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"`{name}` must be finite, got {value}.")
+    if minimum is not None:
+        if exclusive_minimum and value <= minimum:
+            raise ValueError(f"`{name}` must be > {minimum}, got {value}.")
+        if not exclusive_minimum and value < minimum:
+            raise ValueError(f"`{name}` must be >= {minimum}, got {value}.")
+    if maximum is not None and value > maximum:
+        raise ValueError(f"`{name}` must be <= {maximum}, got {value}.")
+    return value
+
+
+def check_int(name: str, value: Any, *, minimum: int) -> int:
+    """``value`` as an int >= ``minimum``, or a ``ValueError`` that names the field."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"`{name}` must be an integer, got {value!r} ({type(value).__name__}).")
+    if value < minimum:
+        raise ValueError(f"`{name}` must be >= {minimum}, got {value}.")
+    return value
+
+
+def check_choice(name: str, value: Any, choices: Collection[str]) -> str:
+    if value not in choices:
+        raise ValueError(f"`{name}` must be one of {', '.join(repr(c) for c in choices)}; got {value!r}.")
+    return value
+
+
+def check_bool(name: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"`{name}` must be True or False, got {value!r}.")
+    return value
+
+
+@dataclass
+class FederatedLoraConfig(LoraConfig):
+    """A ``LoraConfig`` for a federated method: plain LoRA layers plus the method's hyperparameters.
+
+    The adapted layers are ordinary PEFT LoRA layers (``peft_type`` stays ``LORA``), so everything PEFT does
+    with a LoRA adapter works unchanged; the federated behaviour lives in peft-fed's strategy layer, which
+    reads the extra fields. Subclasses set ``FEDERATED_METHOD`` and give ``federated_method`` that default.
+
+    Args:
+        federated_method (`str`):
+            The federated method this adapter belongs to. Written to ``adapter_config.json``; after
+            ``import peft_fed``, PEFT's loaders use it to rebuild the right config class. Fixed per class.
+    """
+
+    FEDERATED_METHOD: ClassVar[str] = ""
+
+    federated_method: str = field(
+        default="",
+        metadata={
+            "help": (
+                "The federated method this adapter belongs to (fixed per config class). Saved in "
+                "adapter_config.json so that, once peft_fed is imported, PEFT loads the adapter's config as the "
+                "right peft-fed class; PEFT without peft_fed ignores it and loads a plain LoRA adapter."
+            )
+        },
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.FEDERATED_METHOD:
+            raise TypeError(
+                f"{type(self).__name__} is a base class; use FedSmoothLoraConfig or SubspaceRegLoraConfig."
+            )
+        if self.federated_method != self.FEDERATED_METHOD:
+            raise ValueError(
+                f"`federated_method` of {type(self).__name__} is always {self.FEDERATED_METHOD!r}, got "
+                f"{self.federated_method!r}. To load a saved config of another method, use "
+                "PeftConfig.from_pretrained (it picks the class from this field)."
+            )
+        check_int("r", self.r, minimum=1)
+        for pattern, rank in (self.rank_pattern or {}).items():
+            check_int(f"rank_pattern[{pattern!r}]", rank, minimum=1)
+        if self.use_dora:
+            # DoRA rescales W + s*B@A by a learned magnitude; the methods' algebra assumes the layer computes
+            # exactly W + s*B@A.
+            raise ValueError(
+                f"{type(self).__name__} needs plain LoRA layers; `use_dora=True` is not supported."
+            )
+
+    @property
+    def max_rank(self) -> int:
+        """The largest rank any layer gets (``r`` or a ``rank_pattern`` value)."""
+        return max([self.r, *(self.rank_pattern or {}).values()])
+
+    def validate_model(self, model: nn.Module) -> list[AdaptedLayerShape] | None:
+        """Check the config against ``model``'s layer shapes; raise ``ValueError`` if it cannot work.
+
+        Called automatically by ``get_peft_model``/``PeftModel.from_pretrained`` once peft_fed is imported
+        (through the pre-injection hook, before any layer is replaced). The base class has no shape constraint.
+        """
+        return None
+
+    # Called by the wrapped LoraModel._prepare_model (registration.PRE_INJECTION_HOOK names it).
+    def _peft_fed_check_model(self, model: nn.Module) -> None:
+        self.validate_model(model)
+
+    @classmethod
+    def from_peft_type(cls, **kwargs):
+        """Build a config from saved kwargs, honouring the ``federated_method`` marker.
+
+        PEFT's version looks the class up by ``peft_type``, which for our configs is ``LORA``: without this
+        override ``FedSmoothLoraConfig.from_pretrained(path)`` would return a plain ``LoraConfig``.
+        A LoRA dict without a marker is adopted as ``cls`` (the method's hyperparameters at their defaults);
+        a marker naming another registered method yields that method's class, as ``peft_type`` would in PEFT;
+        anything else goes through PEFT's own rules.
+        """
+        if is_lora_peft_type(kwargs.get("peft_type")) and FEDERATED_METHOD_FIELD not in kwargs:
+            return instantiate_config(cls, kwargs)
+        config_cls = resolve_config_class(kwargs)
+        if config_cls is not None:
+            return instantiate_config(config_cls, kwargs)
+        return peft_from_peft_type()(cls, **kwargs)

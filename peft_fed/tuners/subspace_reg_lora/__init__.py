@@ -1,0 +1,3 @@
+from .config import SubspaceRegLoraConfig, validate_subspace_reg_ranks
+
+__all__ = ["SubspaceRegLoraConfig", "validate_subspace_reg_ranks"]
