@@ -77,7 +77,7 @@ def round_diagnostics(
         updates = [
             LowRank(spec.scale * f[name].B.detach().double(), f[name].A.detach().double()) for f in client_factors
         ]
-        aggregate = stack_low_rank([(w, u) for w, u in zip(weights, updates)])
+        aggregate = stack_low_rank([(w, u) for w, u in zip(weights, updates, strict=True)])
         U_agg, S_agg, _ = truncated_svd(aggregate, spec.rank)
         Q_agg = U_agg[:, S_agg > 1e-12 * max(float(S_agg.max()) if S_agg.numel() else 0.0, 1e-300)]
         Q_global = orthonormal_basis(global_B[name].double()) if global_B is not None else Q_agg
@@ -89,7 +89,7 @@ def round_diagnostics(
             add("overlap_sq", overlap_sq)
             add("cg", _cosine(update, aggregate))
         norms = [float(_inner(u, u).clamp_min(0).sqrt()) for u in updates]
-        mean_norm = sum(w * n for w, n in zip(weights, norms))
+        mean_norm = sum(w * n for w, n in zip(weights, norms, strict=True))
         if mean_norm > 0:
             add("cancel", float(_inner(aggregate, aggregate).clamp_min(0).sqrt()) / mean_norm)
         for i in range(len(updates)):

@@ -7,6 +7,12 @@ module maps that onto PEFT's LoRA layers: ``lora_B.weight`` is ``B`` and ``lora_
 
 Layer names are the adapted modules' names in the *base* model (``encoder.layer.0.attention.self.query``),
 so they match ``target_modules`` and the keys of an exported adapter.
+
+DeepSpeed ZeRO-3 partitions every parameter across processes: locally a parameter is an empty tensor
+(``ds_shape``/``ds_numel`` hold its real size) until it is gathered. Every function here that reads or
+writes parameters gathers them for the duration (:func:`gathered`; writes are made on every process and
+rank 0's are broadcast), so they see and return full tensors under ZeRO-3. These are collective calls:
+under ZeRO-3 with several processes, call them on every process. Without DeepSpeed they are no-ops.
 """
 
 from __future__ import annotations
@@ -51,16 +57,78 @@ def _to_weight_orientation(tensor: torch.Tensor, layer: LoraLayer) -> torch.Tens
     return tensor.mT if getattr(layer, "fan_in_fan_out", False) else tensor
 
 
+# ---------------------------------------------------------------------------------------- DeepSpeed ZeRO-3
+
+# Set by deepspeed.zero.GatheredParameters on the parameters it holds gathered (nesting over them raises).
+_DS_GATHER_DEPTH = "_ds_z3_gathered_param_context_depth"
+
+
+def is_zero3_param(param: torch.Tensor) -> bool:
+    """Whether ``param`` is managed by DeepSpeed ZeRO-3 (partitioned, or persistent but tracked)."""
+    return hasattr(param, "ds_id")
+
+
+def _shape(param: torch.Tensor) -> tuple[int, ...]:
+    """The real shape of a parameter, also when ZeRO-3 has partitioned it to an empty tensor."""
+    return tuple(param.ds_shape) if hasattr(param, "ds_shape") else tuple(param.shape)
+
+
+def gathered(params: torch.Tensor | Iterable[torch.Tensor], modify: bool = False) -> contextlib.AbstractContextManager:
+    """Context in which the ZeRO-3 parameters among ``params`` hold their full data.
+
+    ``modify=True``: in-place writes made inside are kept (rank 0's values are broadcast on exit, so
+    every process must write the same values); otherwise writes are discarded. Parameters that are not
+    ZeRO-3 parameters (no DeepSpeed, or other stages) are left alone, and then this is a no-op. Parameters
+    an outer ``gathered``/``GatheredParameters`` context already holds are skipped (DeepSpeed refuses
+    overlapping contexts); they are readable, but writes to them follow the outer context's ``modify``.
+    A collective call under ZeRO-3: every process must enter it with the same parameters.
+    """
+    if isinstance(params, torch.Tensor):
+        params = [params]
+    zero = [p for p in params if hasattr(p, "ds_id") and not getattr(p, _DS_GATHER_DEPTH, 0)]
+    if not zero:
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(zero, modifier_rank=0 if modify else None)
+
+
+@contextlib.contextmanager
+def full_parameters(model: nn.Module, modify: bool = False) -> Iterator[None]:
+    """Every parameter of ``model`` gathered for the duration (a no-op without ZeRO-3).
+
+    For code that reads a ZeRO-3 model as a whole and does not know about partitioning: saving or
+    exporting the adapter (``export_adapter``, ``save_pretrained``, ``copy.deepcopy``). Enter it on every
+    process (it is collective); inside, the work itself may run on the main process only, as the
+    functions of this module skip the gathered parameters. Needs the memory of the full model on each
+    process, briefly.
+
+        >>> with peft_bridge.full_parameters(trainer.model):  # doctest: +SKIP
+        ...     if trainer.is_world_process_zero():
+        ...         export_adapter(trainer.model, trainer.original_weights, "final")
+    """
+    with gathered(list(model.parameters()), modify=modify):
+        yield
+
+
+def _deepspeed_hooks_installed(model: nn.Module) -> bool:
+    """Whether a DeepSpeed ZeRO-3 engine's hooks (which fetch partitioned parameters in forward and
+    backward) are on ``model``; without them a forward pass sees the empty partitions."""
+    return any(
+        str(getattr(hook, "__module__", "")).startswith("deepspeed") for hook in model._forward_pre_hooks.values()
+    )
+
+
 def layer_specs(model: nn.Module, adapter_name: str = "default") -> dict[str, LayerSpec]:
     """Shape, rank and scale of every adapted layer (scale = ``lora_alpha / r``, or ``/ sqrt(r)`` with rsLoRA)."""
     specs = {}
     for name, layer in lora_layers(model, adapter_name).items():
-        A = layer.lora_A[adapter_name].weight
-        B = layer.lora_B[adapter_name].weight
+        A = _shape(layer.lora_A[adapter_name].weight)
+        B = _shape(layer.lora_B[adapter_name].weight)
         specs[name] = LayerSpec(
-            out_features=B.shape[0],
-            in_features=A.shape[1],
-            rank=A.shape[0],
+            out_features=B[0],
+            in_features=A[1],
+            rank=A[0],
             scale=float(layer.scaling[adapter_name]),
         )
     return specs
@@ -68,19 +136,37 @@ def layer_specs(model: nn.Module, adapter_name: str = "default") -> dict[str, La
 
 def get_factors(model: nn.Module, adapter_name: str = "default") -> dict[str, LowRank]:
     """Detached copies of every layer's ``(B, A)``."""
-    return {
-        name: LowRank(
-            layer.lora_B[adapter_name].weight.detach().clone(), layer.lora_A[adapter_name].weight.detach().clone()
-        )
-        for name, layer in lora_layers(model, adapter_name).items()
-    }
+    layers = lora_layers(model, adapter_name)
+    with gathered([p for layer in layers.values() for p in _factor_params(layer, adapter_name)]):
+        return {
+            name: LowRank(
+                layer.lora_B[adapter_name].weight.detach().clone(), layer.lora_A[adapter_name].weight.detach().clone()
+            )
+            for name, layer in layers.items()
+        }
+
+
+def _factor_params(layer: LoraLayer, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    return layer.lora_B[adapter_name].weight, layer.lora_A[adapter_name].weight
 
 
 def live_factors(model: nn.Module, adapter_name: str = "default") -> dict[str, LowRank]:
-    """The adapter's parameters themselves (they carry gradients), for a strategy's loss term."""
+    """The adapter's parameters themselves (they carry gradients), for a strategy's loss term.
+
+    Not available under ZeRO-3 (raises ``NotImplementedError``): outside their own module's forward pass
+    the partitioned parameters are empty, and gathering them (``GatheredParameters``) gives tensors that
+    autograd cannot route gradients back through.
+    """
+    layers = lora_layers(model, adapter_name)
+    if any(is_zero3_param(p) for layer in layers.values() for p in _factor_params(layer, adapter_name)):
+        raise NotImplementedError(
+            "a loss term on the live LoRA factors (e.g. Subspace-Reg's regulariser) is not supported under "
+            "DeepSpeed ZeRO-3, whose partitioned parameters cannot be gathered with gradients outside their "
+            "module's forward pass; use ZeRO stage 0-2, or no DeepSpeed"
+        )
     return {
         name: LowRank(layer.lora_B[adapter_name].weight, layer.lora_A[adapter_name].weight)
-        for name, layer in lora_layers(model, adapter_name).items()
+        for name, layer in layers.items()
     }
 
 
@@ -99,25 +185,28 @@ def set_factors(
     if missing:
         raise ValueError(f"no factors given for adapted layer(s) {missing[:3]}")
     for name, layer in layers.items():
-        A = layer.lora_A[adapter_name].weight
-        B = layer.lora_B[adapter_name].weight
-        if tuple(factors[name].A.shape) != tuple(A.shape) or tuple(factors[name].B.shape) != tuple(B.shape):
+        B, A = _factor_params(layer, adapter_name)
+        if tuple(factors[name].A.shape) != _shape(A) or tuple(factors[name].B.shape) != _shape(B):
             raise ValueError(
                 f"factors for {name!r} have shapes B{tuple(factors[name].B.shape)} A{tuple(factors[name].A.shape)}, "
-                f"the layer has B{tuple(B.shape)} A{tuple(A.shape)}"
+                f"the layer has B{_shape(B)} A{_shape(A)}"
             )
-        A.copy_(factors[name].A)
-        B.copy_(factors[name].B)
-        A.requires_grad_(train_A)
-        B.requires_grad_(train_B)
+    with gathered([p for layer in layers.values() for p in _factor_params(layer, adapter_name)], modify=True):
+        for name, layer in layers.items():
+            B, A = _factor_params(layer, adapter_name)
+            A.copy_(factors[name].A)
+            B.copy_(factors[name].B)
+            A.requires_grad_(train_A)
+            B.requires_grad_(train_B)
 
 
 def base_weights(model: nn.Module, adapter_name: str = "default") -> dict[str, torch.Tensor]:
     """Detached copies of the frozen ``W`` of every adapted layer, out x in."""
-    return {
-        name: _to_weight_orientation(_base_weight(layer).detach(), layer).clone()
-        for name, layer in lora_layers(model, adapter_name).items()
-    }
+    weights = {}
+    for name, layer in lora_layers(model, adapter_name).items():
+        with gathered(_base_weight(layer)):  # one layer at a time: a gathered weight is full size
+            weights[name] = _to_weight_orientation(_base_weight(layer).detach(), layer).clone()
+    return weights
 
 
 @torch.no_grad()
@@ -131,7 +220,8 @@ def add_to_base_weights(
             raise KeyError(f"backbone update for {name!r}, which is not an adapted layer")
         weight = _base_weight(layers[name])
         dense = delta.dense() if isinstance(delta, LowRank) else delta
-        weight.add_(_to_weight_orientation(dense, layers[name]).to(weight.dtype))
+        with gathered(weight, modify=True):
+            weight.add_(_to_weight_orientation(dense, layers[name]).to(weight.dtype))
 
 
 @torch.no_grad()
@@ -144,9 +234,10 @@ def set_base_weights(model: nn.Module, weights: Mapping[str, torch.Tensor], adap
     for name, value in weights.items():
         weight = _base_weight(layers[name])
         oriented = _to_weight_orientation(value, layers[name])
-        if tuple(oriented.shape) != tuple(weight.shape):
+        if tuple(oriented.shape) != _shape(weight):
             raise ValueError(f"{name}: weight of shape {tuple(value.shape)} does not fit the layer")
-        weight.copy_(oriented.to(weight.dtype))
+        with gathered(weight, modify=True):
+            weight.copy_(oriented.to(weight.dtype))
 
 
 @contextlib.contextmanager
@@ -162,14 +253,19 @@ def backbone_offsets(
         yield
         return
     layers = lora_layers(model, adapter_name)
-    saved = {name: _base_weight(layers[name]).detach().clone() for name in offsets}
+    saved = {}
+    for name in offsets:
+        with gathered(_base_weight(layers[name])):
+            saved[name] = _base_weight(layers[name]).detach().clone()
     try:
         add_to_base_weights(model, offsets, adapter_name)
         yield
     finally:
         with torch.no_grad():
             for name, original in saved.items():
-                _base_weight(layers[name]).copy_(original)
+                weight = _base_weight(layers[name])
+                with gathered(weight, modify=True):
+                    weight.copy_(original)
 
 
 def trainable_extra_names(model: nn.Module) -> list[str]:
@@ -183,7 +279,11 @@ def trainable_extra_names(model: nn.Module) -> list[str]:
 
 def get_extras(model: nn.Module, names: Iterable[str]) -> dict[str, torch.Tensor]:
     params = dict(model.named_parameters())
-    return {name: params[name].detach().clone() for name in names}
+    extras = {}
+    for name in names:
+        with gathered(params[name]):
+            extras[name] = params[name].detach().clone()
+    return extras
 
 
 @torch.no_grad()
@@ -192,7 +292,8 @@ def set_extras(model: nn.Module, extras: Mapping[str, torch.Tensor]) -> None:
     for name, value in extras.items():
         if name not in params:
             raise KeyError(f"the model has no parameter {name!r} to load")
-        params[name].copy_(value)
+        with gathered(params[name], modify=True):
+            params[name].copy_(value)
 
 
 @contextlib.contextmanager
@@ -205,7 +306,7 @@ def adapters_disabled(model: nn.Module, adapter_name: str = "default") -> Iterat
             layer._disable_adapters = True
         yield
     finally:
-        for layer, flag in zip(layers, flags):
+        for layer, flag in zip(layers, flags, strict=True):
             layer._disable_adapters = flag
 
 
@@ -222,6 +323,8 @@ def full_weight_gradients(
     the adapted layers, instead of asking autograd for the weights' own gradients. That needs no
     ``requires_grad`` on the frozen weights and no weight-sized gradient buffers, and it works when the
     weights are sharded (DeepSpeed ZeRO-3 gathers them in the forward pass; we never touch ``.grad``).
+    A ZeRO-3 model without an engine's hooks yet (partitioned at load by ``zero.Init``, before the first
+    ``Trainer.train``) has all its parameters gathered for the estimate instead.
     Dropout is off (eval mode) so the estimate does not depend on the dropout RNG stream; every
     ``requires_grad`` flag, ``.grad`` and the training mode are restored afterwards.
     """
@@ -251,7 +354,11 @@ def full_weight_gradients(
         for p in params:
             p.requires_grad_(False)
         model.eval()
-        with backbone_offsets(model, offsets or {}, adapter_name), adapters_disabled(model, adapter_name):
+        with (
+            backbone_offsets(model, offsets or {}, adapter_name),
+            adapters_disabled(model, adapter_name),
+            _forward_ready(model, params),
+        ):
             for batch in batches:
                 inputs.clear()
                 outputs.clear()
@@ -261,7 +368,7 @@ def full_weight_gradients(
                     missing = sorted(set(layers) - set(names))
                     raise RuntimeError(f"adapted layer(s) {missing[:3]} were not called by the forward pass")
                 grads = torch.autograd.grad(loss, [outputs[n] for n in names], allow_unused=True)
-                for name, grad_out in zip(names, grads):
+                for name, grad_out in zip(names, grads, strict=True):
                     x = inputs[name]
                     if grad_out is None:
                         grad_out = torch.zeros_like(outputs[name])
@@ -272,9 +379,17 @@ def full_weight_gradients(
     finally:
         for handle in handles:
             handle.remove()
-        for p, flag in zip(params, flags):
+        for p, flag in zip(params, flags, strict=True):
             p.requires_grad_(flag)
         model.train(was_training)
     if count == 0:
         raise ValueError("full_weight_gradients got no batch: the client has no data for gradient estimation")
     return {name: (total / count).contiguous() for name, total in sums.items()}
+
+
+def _forward_ready(model: nn.Module, params: list[torch.Tensor]) -> contextlib.AbstractContextManager:
+    """Gather every parameter for forward and backward passes when ZeRO-3 partitioned them and no engine
+    fetches them (a no-op otherwise: without DeepSpeed, or with a live engine's hooks)."""
+    if not any(is_zero3_param(p) for p in params) or _deepspeed_hooks_installed(model):
+        return contextlib.nullcontext()
+    return gathered(params)

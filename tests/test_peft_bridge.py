@@ -75,10 +75,10 @@ def test_activation_gradient_equals_autograd_weight_gradient(make, loss_fn):
         total = [torch.zeros_like(w) for w in weights]
         for batch in batches:
             grads = torch.autograd.grad(loss_fn(model, batch), weights)
-            total = [t + g for t, g in zip(total, grads)]
+            total = [t + g for t, g in zip(total, grads, strict=True)]
         for w in weights:
             w.requires_grad_(False)
-    for (name, layer), t in zip(layers.items(), total):
+    for (name, layer), t in zip(layers.items(), total, strict=True):
         expected = (t / len(batches)).mT if getattr(layer, "fan_in_fan_out", False) else t / len(batches)
         torch.testing.assert_close(got[name], expected, atol=1e-6, rtol=1e-4)
 

@@ -23,7 +23,7 @@ def test_server_state_round_trip(tmp_path):
     assert loaded.round == 3 and loaded.backbone_version == 2
     assert torch.equal(loaded.layers["enc.q"]["A"], state.layers["enc.q"]["A"])
     assert torch.equal(loaded.extras["classifier.modules_to_save.default.weight"], state.extras["classifier.modules_to_save.default.weight"])
-    for a, b in zip(loaded.backbone_history, state.backbone_history):
+    for a, b in zip(loaded.backbone_history, state.backbone_history, strict=True):
         assert torch.equal(a["enc.q"].B, b["enc.q"].B) and torch.equal(a["enc.q"].A, b["enc.q"].A)
 
 

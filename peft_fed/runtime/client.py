@@ -23,6 +23,16 @@ from ..strategies.base import Strategy
 LossFn = Callable[[nn.Module, Mapping[str, torch.Tensor]], torch.Tensor]
 
 
+class ClientNumericalError(FloatingPointError):
+    """A client's gradient estimate or trained adapter holds NaN/Inf: its update must not be used."""
+
+
+def _check_finite(tensors: Mapping[str, torch.Tensor], what: str) -> None:
+    bad = [name for name, tensor in tensors.items() if not torch.isfinite(tensor).all()]
+    if bad:
+        raise ClientNumericalError(f"{what} of {bad[:3]} contain NaN or Inf")
+
+
 @dataclass
 class ClientRoundResult:
     upload: Upload
@@ -59,7 +69,8 @@ def run_client_round(
     set) and may return anything (e.g. the Trainer's output); it should add
     ``strategy.client_loss(peft_bridge.live_factors(model), start)`` to its loss when that is not None.
     ``gradient_batches``/``loss_fn`` feed FedSmoothLoRA's gradient estimate. The backbone is restored
-    exactly afterwards; the model's adapter then holds the trained factors.
+    exactly afterwards; the model's adapter then holds the trained factors. Raises
+    :class:`ClientNumericalError` when the gradient estimate or the trained weights are not finite.
     """
     timings: dict[str, float] = {}
     gradient_fn = None
@@ -68,8 +79,13 @@ def run_client_round(
             raise ValueError(f"{strategy.name} needs gradient_batches and loss_fn for its initialisation")
 
         def gradient_fn(offsets):
-            return peft_bridge.full_weight_gradients(model, gradient_batches(), loss_fn, offsets, adapter_name)
+            gradients = peft_bridge.full_weight_gradients(model, gradient_batches(), loss_fn, offsets, adapter_name)
+            _check_finite(gradients, "the gradient estimates")
+            return gradients
 
+    if broadcast.extras:
+        # before client_begin: a gradient estimate must see the global heads, not the last client's
+        peft_bridge.set_extras(model, broadcast.extras)
     tic = time.perf_counter()
     start = strategy.client_begin(broadcast, client_state, gradient_fn)
     timings["init_seconds"] = time.perf_counter() - tic
@@ -82,6 +98,8 @@ def run_client_round(
     timings["train_seconds"] = time.perf_counter() - tic
     trained = peft_bridge.get_factors(model, adapter_name)
     extras = peft_bridge.get_extras(model, extra_names)
+    _check_finite({f"{n}.{k}": t for n, f in trained.items() for k, t in (("B", f.B), ("A", f.A))}, "the trained factors")
+    _check_finite(extras, "the trained extra parameters")
     upload, new_state = strategy.client_end(
         trained, extras, start, client_state, num_samples, broadcast.backbone_version
     )

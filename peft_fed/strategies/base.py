@@ -192,8 +192,9 @@ class Strategy(ABC):
             )
         weights = sample_weights(u.num_samples for u in valid)
         new_layers, backbone_update, global_B = self._aggregate_layers(state, valid, weights)
+        new_layers = {n: {k: t.contiguous() for k, t in tensors.items()} for n, tensors in new_layers.items()}
         new_extras = {
-            key: sum(w * u.extras[key].to(torch.float64) for w, u in zip(weights, valid)).to(value.dtype)
+            key: sum(w * u.extras[key].to(torch.float64) for w, u in zip(weights, valid, strict=True)).to(value.dtype)
             for key, value in state.extras.items()
         }
         history = list(state.backbone_history)
@@ -335,7 +336,7 @@ class Strategy(ABC):
         return Upload(
             client_id=client_state.client_id,
             num_samples=num_samples,
-            layers=layers,
+            layers={n: {k: t.contiguous() for k, t in tensors.items()} for n, tensors in layers.items()},
             extras={k: v.detach().clone() for k, v in extras.items()},
         )
 
@@ -350,14 +351,18 @@ class Strategy(ABC):
             client_id=client_state.client_id,
             last_round=start.round,
             backbone_version=backbone_version,
-            layers=layers if layers is not None else client_state.layers,
+            layers=(
+                {n: {k: t.contiguous() for k, t in tensors.items()} for n, tensors in layers.items()}
+                if layers is not None
+                else client_state.layers
+            ),
             extras=client_state.extras,
         )
 
     @staticmethod
     def _weighted_mean(uploads: Sequence[Upload], weights: Sequence[float], layer: str, key: str) -> torch.Tensor:
         tensors = [u.layers[layer][key] for u in uploads]
-        out = sum(w * t.to(torch.float64) for w, t in zip(weights, tensors))
+        out = sum(w * t.to(torch.float64) for w, t in zip(weights, tensors, strict=True))
         return out.to(tensors[0].dtype)
 
     @staticmethod
@@ -366,5 +371,5 @@ class Strategy(ABC):
     ) -> LowRank:
         """Exact factors of ``scale * sum_c p_c B_c A_c`` (stacked, rank ``|S_t| r``)."""
         return stack_low_rank(
-            [(scale * w, LowRank(u.layers[layer]["B"], u.layers[layer]["A"])) for w, u in zip(weights, uploads)]
+            [(scale * w, LowRank(u.layers[layer]["B"], u.layers[layer]["A"])) for w, u in zip(weights, uploads, strict=True)]
         )

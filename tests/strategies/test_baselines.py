@@ -33,7 +33,7 @@ def test_fedsvd_keeps_orthonormal_rows(build, specs, new_clients):
         for n, s in specs.items():
             A = state.layers[n]["A"]
             torch.testing.assert_close(A @ A.T, torch.eye(s.rank, dtype=A.dtype), atol=1e-10, rtol=0)
-    for result, uploads, trained, starts in outputs:
+    for _, uploads, _, starts in outputs:
         assert all(not st.train_A for st in starts)
         assert all(set(t) == {"B"} for u in uploads for t in u.layers.values())
 
@@ -46,7 +46,7 @@ def test_fedsvd_server_product_is_exact_average(build, specs, new_clients):
     )
     for n in specs:
         A_prev = state.layers[n]["A"]
-        expected = sum(w * u.layers[n]["B"] @ A_prev for w, u in zip(result.weights, uploads))
+        expected = sum(w * u.layers[n]["B"] @ A_prev for w, u in zip(result.weights, uploads, strict=True))
         got = result.state.layers[n]["B"] @ result.state.layers[n]["A"]
         torch.testing.assert_close(got, expected, atol=1e-10, rtol=0)
 
@@ -58,7 +58,7 @@ def test_ffa_lora_never_changes_A(build, specs, new_clients):
         for n in specs:
             assert torch.equal(state.layers[n]["A"], A0[n])
     for _, uploads, trained, starts in outputs:
-        for st, tr in zip(starts, trained):
+        for st, tr in zip(starts, trained, strict=True):
             assert not st.train_A
             assert all(torch.equal(tr[n].A, A0[n]) for n in specs)
         assert all(set(t) == {"B"} for u in uploads for t in u.layers.values())
@@ -76,7 +76,7 @@ def test_ffa_lora_sends_A_only_on_first_contact(build, specs, new_clients):
 
 def test_fedsa_lora_never_shares_B(build, specs, new_clients):
     strategy, _, history, outputs, clients = _run(build, specs, new_clients, "fedsa_lora")
-    for _, uploads, trained, _ in outputs:
+    for _, uploads, _, _ in outputs:
         assert all(set(t) == {"A"} for u in uploads for t in u.layers.values())
     broadcast = strategy.configure(history[-1], clients["1"])
     assert all(set(t) == {"A"} for t in broadcast.layers.values())
@@ -98,13 +98,13 @@ def test_frlora_backbone_update_and_reset(build, specs, new_clients):
         torch.testing.assert_close(s.scale * principal[n].dense(), (U[:, : s.rank] * S[: s.rank]) @ Vh[: s.rank], atol=1e-10, rtol=0)
         torch.testing.assert_close(initial[n].dense(), -s.scale * principal[n].dense(), atol=1e-12, rtol=0)
     W = {n: W0[n] + initial[n].dense() for n in specs}
-    for result, uploads, trained, starts in outputs:
+    for result, uploads, _, starts in outputs:
         for st in starts:  # every client restarts from (B0, A0)
             for n in specs:
                 torch.testing.assert_close(st.factors[n].dense(), principal[n].dense(), atol=0, rtol=0)
         for n, s in specs.items():
-            B_bar = sum(w * u.layers[n]["B"] for w, u in zip(result.weights, uploads))
-            A_bar = sum(w * u.layers[n]["A"] for w, u in zip(result.weights, uploads))
+            B_bar = sum(w * u.layers[n]["B"] for w, u in zip(result.weights, uploads, strict=True))
+            A_bar = sum(w * u.layers[n]["A"] for w, u in zip(result.weights, uploads, strict=True))
             expected = s.scale * (B_bar @ A_bar - principal[n].dense())
             torch.testing.assert_close(result.backbone_update[n].dense(), expected, atol=1e-10, rtol=0)
             # the global model (backbone + restart factors) is the FedAvg model on the previous backbone

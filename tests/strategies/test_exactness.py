@@ -24,7 +24,7 @@ def _client_effective(W, specs, trained):
 
 
 def _average(effectives, weights):
-    return {n: sum(w * e[n] for w, e in zip(weights, effectives)) for n in effectives[0]}
+    return {n: sum(w * e[n] for w, e in zip(weights, effectives, strict=True)) for n in effectives[0]}
 
 
 def _global_effective(strategy, W, result):
@@ -52,7 +52,7 @@ def _round(build, specs, new_clients, method, sizes=(3, 5, 9)):
     W = _base(specs)
     generator = torch.Generator().manual_seed(1)
     result, _, trained, _ = play_round(
-        strategy, state, clients, list(clients), {c: n for c, n in zip(clients, sizes)}, generator
+        strategy, state, clients, list(clients), {c: n for c, n in zip(clients, sizes, strict=True)}, generator
     )
     target = _average([_client_effective(W, specs, t) for t in trained], result.weights)
     return strategy, W, result, target

@@ -132,7 +132,7 @@ def test_upload_and_merge_follow_spec(build, specs):
             got = upload.layers[n]["B"] @ upload.layers[n]["A"]
             torch.testing.assert_close(got, expected, atol=1e-10, rtol=0)
     for n, s in specs.items():
-        full = sum(w * (u.layers[n]["B"] @ u.layers[n]["A"]) for w, (u, _, _) in zip(result.weights, uploads))
+        full = sum(w * (u.layers[n]["B"] @ u.layers[n]["A"]) for w, (u, _, _) in zip(result.weights, uploads, strict=True))
         merged = s.scale * best_rank_r(full, s.rank).dense()
         torch.testing.assert_close(sim.W[n] - W_before[n], merged, atol=1e-10, rtol=0)
         # only rank-r factors travel, in both directions
@@ -167,7 +167,7 @@ def test_cosine_zeta_schedule():
     values = [zeta_at_round(t, zeta=1.0, schedule="cosine", zeta_min=0.5, num_rounds=10) for t in range(11)]
     assert values[0] == pytest.approx(1.0) and values[10] == pytest.approx(0.5)
     assert values[5] == pytest.approx(0.75)
-    assert all(a >= b for a, b in zip(values, values[1:]))
+    assert all(a >= b for a, b in zip(values, values[1:], strict=False))
     assert zeta_at_round(7, zeta=0.8, schedule="constant", zeta_min=0.0, num_rounds=None) == 0.8
 
 

@@ -113,7 +113,10 @@ def test_every_method_leaves_its_input_state_untouched(build, specs, new_clients
     strategy = build(method, specs, **({"num_rounds": 2} if method == "fedsmoothlora" else {}))
     state, _ = strategy.init_server(base_weights=W)
     snapshot = _snapshot(state)
-    gradient_fn = (lambda offsets: {n: torch.ones(s.out_features, s.in_features) for n, s in specs.items()})
+
+    def gradient_fn(offsets):
+        return {n: torch.ones(s.out_features, s.in_features) for n, s in specs.items()}
+
     result, *_ = play_round(strategy, state, new_clients(2), ["0", "1"], {"0": 1, "1": 2},
                             torch.Generator().manual_seed(0), gradient_fn)
     _assert_unchanged(state, snapshot)

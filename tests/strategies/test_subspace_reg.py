@@ -74,7 +74,7 @@ def _uploads(specs, seeds_and_sizes):
 
 def _delta(specs, uploads, weights):
     return {
-        n: sum(w * s.scale * u.layers[n]["B"] @ u.layers[n]["A"] for w, u in zip(weights, uploads))
+        n: sum(w * s.scale * u.layers[n]["B"] @ u.layers[n]["A"] for w, u in zip(weights, uploads, strict=True))
         for n, s in specs.items()
     }
 

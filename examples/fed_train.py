@@ -1,0 +1,14 @@
+"""Federated LoRA fine-tuning from the command line: the same flags and YAML as ``peft-fed train``.
+
+    python examples/fed_train.py                       # offline default: MiniLM, WordNet MC, 10 clients, FedSmoothLoRA
+    python examples/fed_train.py --method fedit --num_rounds 20 --output_dir runs/fedit
+    accelerate launch --num_processes 2 examples/fed_train.py --method fedsmoothlora
+    python examples/fed_train.py --config examples/configs/wordnet_mc_minilm.yaml
+"""
+
+import sys
+
+from peft_fed.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main(["train", *sys.argv[1:]]))

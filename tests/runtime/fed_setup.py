@@ -1,0 +1,86 @@
+"""A tiny federated setup for runtime tests: a random BERT classifier and learnable synthetic clients."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import datasets
+import numpy as np
+import torch
+from peft import LoraConfig, get_peft_model
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from tiny_models import tiny_bert  # noqa: E402
+
+from peft_fed import FederatedTrainer, FederatedTrainingArguments, FedSmoothLoraConfig, SubspaceRegLoraConfig  # noqa: E402
+
+
+def client_dataset(seed: int, n: int = 20, poison: bool = False) -> datasets.Dataset:
+    g = np.random.default_rng(seed)
+    ids = g.integers(1, 99, size=(n, 8))
+    if poison:
+        ids[:, 0] = 0  # PoisonTask turns these batches' loss into NaN
+    return datasets.Dataset.from_dict(
+        {"input_ids": ids.tolist(), "attention_mask": np.ones_like(ids).tolist(), "labels": (ids[:, 1] % 3).tolist()}
+    )
+
+
+def peft_model(method: str, r: int = 4, seed: int = 0):
+    common = dict(r=r, lora_alpha=2 * r, target_modules=["query", "value"], modules_to_save=["classifier"])
+    config = {"fedsmoothlora": FedSmoothLoraConfig, "subspace_reg": SubspaceRegLoraConfig}.get(method, LoraConfig)
+    return get_peft_model(tiny_bert(seed=seed), config(**common))
+
+
+class PoisonTask:
+    """Task whose loss is NaN on batches that start with token 0 (a client with corrupted data)."""
+
+    def compute_loss(self, model, inputs):
+        out = model(**inputs)
+        loss = out.loss
+        if (inputs["input_ids"][:, 0] == 0).any():
+            loss = loss * float("nan")
+        return loss, out.logits
+
+    def compute_metrics(self, eval_pred):
+        return {"accuracy": float((eval_pred.predictions.argmax(-1) == eval_pred.label_ids).mean())}
+
+
+def accuracy(eval_pred):
+    return {"accuracy": float((eval_pred.predictions.argmax(-1) == eval_pred.label_ids).mean())}
+
+
+def make_trainer(method: str, output_dir, num_clients: int = 4, clients=None, model=None, **overrides) -> FederatedTrainer:
+    kwargs = dict(
+        output_dir=str(output_dir), method=method, num_rounds=2, clients_per_round=2, local_steps=2,
+        per_device_train_batch_size=4, learning_rate=1e-2, report_to="none", use_cpu=True, seed=42,
+    )
+    trainer_kwargs = {k: overrides.pop(k) for k in ("task", "compute_metrics") if k in overrides}
+    kwargs.update(overrides)
+    trainer_kwargs.setdefault("compute_metrics", accuracy)
+    return FederatedTrainer(
+        model=model if model is not None else peft_model(method),
+        args=FederatedTrainingArguments(**kwargs),
+        client_datasets=clients if clients is not None else [client_dataset(i) for i in range(num_clients)],
+        eval_dataset=client_dataset(99),
+        **trainer_kwargs,
+    )
+
+
+def final_state(trainer) -> dict[str, torch.Tensor]:
+    """The global adapter and backbone a run ends with."""
+    from peft_fed import peft_bridge
+
+    state = {f"{n}.B": f.B for n, f in peft_bridge.get_factors(trainer.model).items()}
+    state.update({f"{n}.A": f.A for n, f in peft_bridge.get_factors(trainer.model).items()})
+    state.update({f"{n}.W": w for n, w in peft_bridge.base_weights(trainer.model).items()})
+    state.update(peft_bridge.get_extras(trainer.model, trainer.extra_names))
+    return state
+
+
+if __name__ == "__main__":  # run by the multi-process test under `accelerate launch`
+    method, out = sys.argv[1], sys.argv[2]
+    trainer = make_trainer(method, out, num_clients=5, clients_per_round=3)
+    trainer.train()
+    if trainer.is_world_process_zero():
+        torch.save(final_state(trainer), Path(out) / "final_state.pt")
