@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 
 logger = logging.getLogger(__name__)
@@ -29,7 +30,7 @@ class FederatedRunConfig:
     task_type: str | None = field(default=None, metadata={"help": "seq_cls, mc_encoder, mc_causal or causal_lm."})
     method: str = field(default="fedsmoothlora", metadata={"help": "Federated method."})
     num_clients: int = 10
-    clients_per_round: int | None = 5
+    clients_per_round: int | None = 3
     num_rounds: int = 10
     local_steps: int = 10
     partition: str = field(default="dirichlet", metadata={"help": "iid, dirichlet, pathological, shard, natural_id, size."})
@@ -49,11 +50,11 @@ class FederatedRunConfig:
     target_modules: list[str] | None = None
     learning_rate: float = 1e-3
     round_lr_scheduler: str = "constant"
-    batch_size: int = 16
+    batch_size: int = 8
     gradient_accumulation_steps: int = 1
-    max_length: int = 64
-    max_train_samples: int | None = 4000
-    max_eval_samples: int | None = 500
+    max_length: int = 48
+    max_train_samples: int | None = None
+    max_eval_samples: int | None = 200
     client_eval_fraction: float = 0.1
     eval_every: int = 1
     save_every: int = 0
@@ -212,6 +213,7 @@ def run_federated(config: FederatedRunConfig) -> RunResult:
         lr_scheduler_type="constant",
         remove_unused_columns=False,
         dataloader_num_workers=0,
+        dataloader_pin_memory=torch.cuda.is_available(),
     )
     trainer = FederatedTrainer(
         model=peft_model,

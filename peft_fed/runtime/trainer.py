@@ -272,6 +272,23 @@ class FederatedTrainer(Trainer):
         self.deepspeed = None
         self.optimizer, self.lr_scheduler = None, None
 
+    def _sync_deepspeed_learning_rate(self) -> None:
+        """Give an optimizer/scheduler section of the DeepSpeed config this round's learning rate.
+
+        The Trainer writes ``learning_rate`` into the config's ``"auto"`` fields once, at construction; the
+        round schedule (``round_lr_scheduler``) changes it afterwards, and each client's new engine builds
+        its optimizer from the config.
+        """
+        if not self.is_deepspeed_enabled:
+            return
+        config = self.accelerator.state.deepspeed_plugin.hf_ds_config.config
+        optimizer = config.get("optimizer", {}).get("params", {})
+        if "lr" in optimizer:
+            optimizer["lr"] = self.args.learning_rate
+        scheduler = config.get("scheduler", {}).get("params", {})
+        if "warmup_max_lr" in scheduler:
+            scheduler["warmup_max_lr"] = self.args.learning_rate
+
     def get_train_dataloader(self) -> DataLoader:
         if not self._client_parallel:
             return super().get_train_dataloader()
@@ -358,6 +375,7 @@ class FederatedTrainer(Trainer):
                 self.args.max_steps = -1
                 self.args.num_train_epochs = self.args.local_epochs
             self._release_deepspeed_engine()
+            self._sync_deepspeed_learning_rate()
             try:
                 with self._process_local_training():
                     return Trainer.train(self)

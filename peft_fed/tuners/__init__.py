@@ -1,7 +1,7 @@
 """PEFT-native config types of peft-fed's federated LoRA methods, and their registration with PEFT.
 
 Importing this package registers the types (idempotent), so a saved FedSmoothLoRA or Subspace-Reg adapter
-loads back with its own config class through PEFT's loaders. See docs/design_registration.md.
+loads back with its own config class through PEFT's loaders. See docs/design.md (section "Registration with PEFT").
 """
 
 from .base import FederatedLoraConfig

@@ -17,7 +17,7 @@ installs two small, idempotent hooks into PEFT:
    FedSmoothLoRA rank that a targeted layer cannot hold before the model is modified.
 
 A process that never imports peft_fed sees a LoRA config with a few unknown keys; PEFT drops them with its
-forward-compatibility warning and loads the adapter as plain LoRA. See docs/design_registration.md.
+forward-compatibility warning and loads the adapter as plain LoRA. See docs/design.md (section "Registration with PEFT").
 """
 
 from __future__ import annotations

@@ -78,9 +78,19 @@ def final_state(trainer) -> dict[str, torch.Tensor]:
     return state
 
 
-if __name__ == "__main__":  # run by the multi-process test under `accelerate launch`
-    method, out = sys.argv[1], sys.argv[2]
-    trainer = make_trainer(method, out, num_clients=5, clients_per_round=3)
+if __name__ == "__main__":  # run by the multi-process and kill-and-resume tests in a subprocess
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("method")
+    parser.add_argument("out")
+    parser.add_argument("--num_rounds", type=int, default=2)
+    parser.add_argument("--save_every", type=int, default=0)
+    parser.add_argument("--resume", action="store_true")
+    cli = parser.parse_args()
+    method, out = cli.method, cli.out
+    trainer = make_trainer(method, out, num_clients=5, clients_per_round=3, num_rounds=cli.num_rounds,
+                           save_every=cli.save_every, resume=cli.resume)
     trainer.train()
     if trainer.is_world_process_zero():
         torch.save(final_state(trainer), Path(out) / "final_state.pt")

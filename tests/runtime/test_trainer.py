@@ -164,3 +164,30 @@ def test_two_processes_equal_one(tmp_path):
     one = torch.load(tmp_path / "one" / "final_state.pt")
     two = torch.load(tmp_path / "two" / "final_state.pt")
     _equal_states(one, two, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_sigkill_mid_run_then_resume_equals_uninterrupted(tmp_path):
+    """A real kill (SIGKILL, at whatever point the run is) and a resume from the last checkpoint."""
+    import signal
+    import time
+
+    script = Path(__file__).with_name("fed_setup.py")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    common = ["fedsmoothlora", "--num_rounds", "4", "--save_every", "1"]
+    subprocess.run([sys.executable, str(script), common[0], str(tmp_path / "full"), *common[1:]], check=True,
+                   env=env, capture_output=True)
+    victim = subprocess.Popen([sys.executable, str(script), common[0], str(tmp_path / "killed"), *common[1:]],
+                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (tmp_path / "killed" / "checkpoints" / "round-000002").exists():
+        assert victim.poll() is None and time.time() < deadline, "the run ended before it could be killed"
+        time.sleep(0.05)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    assert not (tmp_path / "killed" / "final_state.pt").exists()
+    subprocess.run([sys.executable, str(script), common[0], str(tmp_path / "killed"), *common[1:], "--resume"],
+                   check=True, env=env, capture_output=True)
+    _equal_states(torch.load(tmp_path / "full" / "final_state.pt"), torch.load(tmp_path / "killed" / "final_state.pt"))
+    rows = [json.loads(x) for x in (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [1, 2, 3, 4]
