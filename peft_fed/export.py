@@ -48,7 +48,7 @@ from peft.utils import ModulesToSaveWrapper
 from torch import nn
 
 from . import peft_bridge
-from .linalg import split_factors
+from .linalg import lapack_threads, split_factors
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -261,7 +261,8 @@ class _LayerSvd:
 
 
 def _layer_svd(delta: torch.Tensor) -> _LayerSvd:
-    U, S, Vh = torch.linalg.svd(delta, full_matrices=False)
+    with lapack_threads(tuple(delta.shape)):
+        U, S, Vh = torch.linalg.svd(delta, full_matrices=False)
     energy = S.double() ** 2
     total = float(energy.sum())
     # tail[k] = sum_{i >= k} S_i^2, the squared error of the rank-k truncation (Eckart-Young)

@@ -18,7 +18,7 @@ SvdMethod = Literal["auto", "full", "randomized"]
 
 # Below this many columns/rows a full SVD is as fast as the randomised one and exact.
 _AUTO_RANDOMIZED_MIN_DIM = 512
-# Factorizations of matrices up to this side run single-threaded (see _lapack_threads).
+# Factorizations of matrices up to this side run single-threaded (see lapack_threads).
 _SINGLE_THREAD_MAX_DIM = 4096
 
 
@@ -89,7 +89,7 @@ def stack_low_rank(terms: list[tuple[float, LowRank]]) -> LowRank:
 
 
 @contextlib.contextmanager
-def _lapack_threads(matrix_dims: tuple[int, ...]) -> Iterator[None]:
+def lapack_threads(matrix_dims: tuple[int, ...]) -> Iterator[None]:
     """One thread for the small factorizations LoRA needs (sides up to a few thousand).
 
     Measured on a 2-core machine with a second busy process: a 384 x 384 SVD took 17 ms on one thread
@@ -141,11 +141,11 @@ def truncated_svd(
     if rank < 1:
         raise ValueError(f"rank must be >= 1, got {rank}")
     if isinstance(matrix, LowRank):
-        with _lapack_threads(matrix.shape):
+        with lapack_threads(matrix.shape):
             return _low_rank_svd(matrix, rank)
     if matrix.dim() != 2:
         raise ValueError(f"truncated_svd needs a 2-D matrix, got shape {tuple(matrix.shape)}")
-    with _lapack_threads(tuple(matrix.shape)):
+    with lapack_threads(tuple(matrix.shape)):
         return _dense_truncated_svd(matrix, rank, method, oversampling, power_iterations, generator_seed)
 
 
@@ -219,7 +219,7 @@ def orthonormal_basis(matrix: torch.Tensor, rtol: float = 1e-6) -> torch.Tensor:
     Taken from the SVD so that a rank-deficient matrix (e.g. a LoRA ``B`` that is still zero) gives
     only the directions it really spans, not arbitrary completions as a plain QR would.
     """
-    with _lapack_threads(tuple(matrix.shape)):
+    with lapack_threads(tuple(matrix.shape)):
         U, S, _ = torch.linalg.svd(matrix.to(_compute_dtype(matrix)), full_matrices=False)
     if S.numel() == 0 or S[0] == 0:
         return U[:, :0]

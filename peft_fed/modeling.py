@@ -217,6 +217,8 @@ def load_model_and_tokenizer(
                 f"'mc_causal' for decoder-only models). Original error: {err}"
             ) from err
         raise
+    if resolved.gguf_file:
+        _forget_gguf_quantization(model)
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     generation_config = getattr(model, "generation_config", None)
@@ -236,6 +238,22 @@ def load_model_and_tokenizer(
             fresh_outside_head,
         )
     return model, tokenizer
+
+
+def _forget_gguf_quantization(model: PreTrainedModel) -> None:
+    """Drop the GGUF quantizer marks transformers leaves on a model whose weights it has dequantized.
+
+    Loading with ``gguf_file=`` converts every tensor to a plain float dtype, yet the model still says
+    ``is_quantized`` with a GGUF quantizer that declares itself not trainable, so ``Trainer`` refuses it
+    ("quantized with gguf but that quantization method do not support training") and a saved config
+    would claim a quantization it no longer has.
+    """
+    model.is_quantized = False
+    model.hf_quantizer = None
+    if hasattr(model, "quantization_method"):
+        model.quantization_method = None
+    if getattr(model.config, "quantization_config", None) is not None:
+        del model.config.quantization_config
 
 
 # LoRA targets per `config.model_type`: attention query and value projections, the LoRA paper's default. PEFT's

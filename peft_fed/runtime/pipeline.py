@@ -20,6 +20,8 @@ import yaml
 
 logger = logging.getLogger(__name__)
 
+DEFAULT_EXPORT_MAX_ERROR = 0.01
+
 
 @dataclass
 class FederatedRunConfig:
@@ -32,7 +34,7 @@ class FederatedRunConfig:
     num_clients: int = 10
     clients_per_round: int | None = 3
     num_rounds: int = 10
-    local_steps: int = 10
+    local_steps: int = 8
     partition: str = field(default="dirichlet", metadata={"help": "iid, dirichlet, pathological, shard, natural_id, size."})
     partition_column: str | None = field(
         default=None,
@@ -59,10 +61,15 @@ class FederatedRunConfig:
     eval_every: int = 1
     save_every: int = 0
     method_kwargs: dict[str, Any] = field(default_factory=dict)
-    export_rank: int | None = None
-    export_max_error: float | None = None
+    export_rank: int | None = field(default=None, metadata={"help": "Rank of the exported final adapter."})
+    export_max_error: float | None = field(
+        default=None,
+        metadata={"help": "Export at the smallest rank with relative error below this (default 0.01 "
+                  "when export_rank is not given)."},
+    )
     init_adapter: str | None = field(default=None, metadata={"help": "Start from an existing adapter (path or Hub id)."})
     bf16: bool = False
+    use_cpu: bool = field(default=False, metadata={"help": "Train on the CPU even where a GPU is visible."})
     gradient_checkpointing: bool = False
     deepspeed: str | None = None
     report_to: str = "none"
@@ -153,16 +160,16 @@ def prepare_federated_data(config: FederatedRunConfig):
 def run_federated(config: FederatedRunConfig) -> RunResult:
     """Run one federated training from ``config``; write metrics, a plot and ``OUTPUT_DIR/final``."""
     from peft import get_peft_model
+    from transformers import set_seed
 
-    from ..export import FederatedRunInfo, export_adapter, load_initial_adapter
+    from .. import peft_bridge
+    from ..export import load_initial_adapter
     from ..modeling import (
-        MODEL_ALIASES,
         check_target_modules,
         default_modules_to_save,
         default_target_modules,
         load_model_and_tokenizer,
     )
-    from ..plotting import plot_runs
     from .arguments import FederatedTrainingArguments
     from .trainer import FederatedTrainer
 
@@ -174,6 +181,7 @@ def run_federated(config: FederatedRunConfig) -> RunResult:
     task_type = info.task_type
     config = dataclasses.replace(config, task_type=task_type)
     (output_dir / "run_config.json").write_text(json.dumps(config.to_dict(), indent=1))
+    set_seed(config.seed)  # the task head is initialised at load time: make it the same on every run
     model, tokenizer = load_model_and_tokenizer(
         config.model, task_type, num_labels=info.num_labels, label_names=info.label_names
     )
@@ -207,6 +215,7 @@ def run_federated(config: FederatedRunConfig) -> RunResult:
         export_rank=config.export_rank,
         export_max_error=config.export_max_error,
         bf16=config.bf16,
+        use_cpu=config.use_cpu,
         gradient_checkpointing=config.gradient_checkpointing,
         deepspeed=config.deepspeed,
         report_to=config.report_to,
@@ -229,39 +238,54 @@ def run_federated(config: FederatedRunConfig) -> RunResult:
     history = trainer.train()
     final_dir = output_dir / "final"
     report = None
-    if trainer.is_world_process_zero():
-        partition = config.partition + (f" (alpha={config.dirichlet_alpha})" if config.partition == "dirichlet" else "")
-        run_info = FederatedRunInfo(
-            method=trainer.strategy.name,
-            rounds=config.num_rounds,
-            num_clients=config.num_clients,
-            clients_per_round=trainer.clients_per_round,
-            seed=config.seed,
-            base_model=MODEL_ALIASES[config.model].hub_id if config.model in MODEL_ALIASES else config.model,
-            initial_adapter=config.init_adapter,
-            dataset=config.dataset,
-            training_rank=config.r,
-            extra={
-                "partition": partition,
-                "local_steps": config.local_steps,
-                "final_eval_accuracy": history[-1].get("eval_accuracy"),
-            },
-        )
-        rank = config.export_rank if config.export_max_error is None else None
-        if rank is None and config.export_max_error is None:
-            rank = config.r
-        report = export_adapter(
-            trainer.model,
-            trainer.original_weights,
-            final_dir,
-            rank=rank,
-            max_relative_error=config.export_max_error,
-            run_info=run_info,
-            tokenizer=tokenizer,
-            overwrite=True,
-        )
-        plot_runs([output_dir], output_dir / "convergence.png", title=f"{trainer.strategy.name} on {config.dataset}")
+    # under ZeRO-3 the export reads sharded weights: gather them on every process, write on the main one
+    with peft_bridge.full_parameters(trainer.model):
+        if trainer.is_world_process_zero():
+            report = _export_final(trainer, config, history, final_dir, tokenizer)
     return RunResult(history, output_dir, final_dir, report, time.perf_counter() - started)
+
+
+def _export_final(trainer, config: FederatedRunConfig, history, final_dir: Path, tokenizer):
+    """Write ``final_dir`` (stock PEFT adapter + model card) and the convergence plot; the export report."""
+    from ..export import FederatedRunInfo, export_adapter
+    from ..modeling import MODEL_ALIASES
+    from ..plotting import plot_runs
+
+    partition = config.partition + (f" (alpha={config.dirichlet_alpha})" if config.partition == "dirichlet" else "")
+    run_info = FederatedRunInfo(
+        method=trainer.strategy.name,
+        rounds=config.num_rounds,
+        num_clients=config.num_clients,
+        clients_per_round=trainer.clients_per_round,
+        seed=config.seed,
+        base_model=MODEL_ALIASES[config.model].hub_id if config.model in MODEL_ALIASES else config.model,
+        initial_adapter=config.init_adapter,
+        dataset=config.dataset,
+        training_rank=config.r,
+        extra={
+            "partition": partition,
+            "local_steps": config.local_steps,
+            "final_eval_accuracy": history[-1].get("eval_accuracy"),
+        },
+    )
+    # A merged backbone accumulates up to rounds x r directions: by default pick the smallest rank that
+    # reproduces the federated model within 1% (exact rank r for methods that never merge).
+    max_error = config.export_max_error
+    if config.export_rank is None and max_error is None:
+        max_error = DEFAULT_EXPORT_MAX_ERROR
+    report = export_adapter(
+        trainer.model,
+        trainer.original_weights,
+        final_dir,
+        rank=config.export_rank,
+        max_relative_error=max_error,
+        run_info=run_info,
+        tokenizer=tokenizer,
+        overwrite=True,
+    )
+    output_dir = Path(config.output_dir)
+    plot_runs([output_dir], output_dir / "convergence.png", title=f"{trainer.strategy.name} on {config.dataset}")
+    return report
 
 
 def format_round_table(history: list[dict[str, Any]]) -> str:

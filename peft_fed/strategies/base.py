@@ -79,6 +79,11 @@ class AggregationResult:
     dropped: list[tuple[str, str]] = field(default_factory=list)
 
 
+def pick_factors(factors: Mapping[str, LowRank], keys: Sequence[str]) -> LayerTensors:
+    """Detached copies of the named factors (``"B"``, ``"A"``) of every layer."""
+    return {name: {key: getattr(f, key).detach().clone() for key in keys} for name, f in factors.items()}
+
+
 def lora_default_init(spec: LayerSpec, generator: torch.Generator, dtype: torch.dtype) -> LowRank:
     """PEFT's default LoRA init: ``A`` Kaiming-uniform with ``a = sqrt(5)`` (as ``nn.Linear``), ``B = 0``."""
     bound = 1.0 / math.sqrt(spec.in_features)  # kaiming_uniform_(a=sqrt(5)) on a (r x n) weight
@@ -318,11 +323,20 @@ class Strategy(ABC):
         num_samples: int,
         backbone_version: int,
     ) -> tuple[Upload, ClientState]:
-        """The upload after local training and the client's new state. Default: upload ``B`` and ``A``."""
-        layers = {name: {"B": f.B.detach().clone(), "A": f.A.detach().clone()} for name, f in trained.items()}
-        return self._upload(client_state, num_samples, layers, extras), self._next_client_state(
-            client_state, start, backbone_version
+        """The upload after local training and the client's new state (see :meth:`_client_end_layers`)."""
+        shared, kept = self._client_end_layers(trained, start)
+        return self._upload(client_state, num_samples, shared, extras), self._next_client_state(
+            client_state, start, backbone_version, kept
         )
+
+    def _client_end_layers(
+        self, trained: Mapping[str, LowRank], start: ClientStart
+    ) -> tuple[LayerTensors, LayerTensors | None]:
+        """``(what the client uploads, what it keeps for its next round)``; ``None`` keeps its old state.
+
+        Default: upload the factors named in :attr:`uploaded`, keep nothing new.
+        """
+        return pick_factors(trained, self.uploaded), None
 
     # ------------------------------------------------------------------ helpers for subclasses
 

@@ -6,13 +6,13 @@ has never trained starts from ``B = 0``, as a fresh LoRA does.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 
 import torch
 
 from ..linalg import LowRank
 from ..state import Broadcast, ClientStart, ClientState, LayerTensors, ServerState, Upload
-from .base import GradientFn, Strategy
+from .base import GradientFn, Strategy, pick_factors
 
 
 class FedSALoRA(Strategy):
@@ -45,21 +45,8 @@ class FedSALoRA(Strategy):
             factors[name] = LowRank(B, tensors["A"])
         return ClientStart(round=broadcast.round, factors=factors, extras=dict(broadcast.extras))
 
-    def client_end(
-        self,
-        trained: Mapping[str, LowRank],
-        extras: Mapping[str, torch.Tensor],
-        start: ClientStart,
-        client_state: ClientState,
-        num_samples: int,
-        backbone_version: int,
-    ) -> tuple[Upload, ClientState]:
-        shared = {name: {"A": f.A.detach().clone()} for name, f in trained.items()}
-        private = {name: {"B": f.B.detach().clone()} for name, f in trained.items()}
-        return (
-            self._upload(client_state, num_samples, shared, extras),
-            self._next_client_state(client_state, start, backbone_version, private),
-        )
+    def _client_end_layers(self, trained, start):
+        return pick_factors(trained, ("A",)), pick_factors(trained, ("B",))  # B stays on the client
 
     def _aggregate_layers(
         self, state: ServerState, uploads: Sequence[Upload], weights: Sequence[float]

@@ -216,15 +216,8 @@ class FedSmoothLoRA(Strategy):
             },
         )
 
-    def client_end(
-        self,
-        trained: Mapping[str, LowRank],
-        extras: Mapping[str, torch.Tensor],
-        start: ClientStart,
-        client_state: ClientState,
-        num_samples: int,
-        backbone_version: int,
-    ) -> tuple[Upload, ClientState]:
+    def _client_end_layers(self, trained, start):
+        """Upload ``U_c = SVD_r(B A + offset / s)`` (= ``SVD_r(B A - W_ga)``) and keep it for Round-Matching."""
         uploads: LayerTensors = {}
         kept: LayerTensors = {}
         for name, spec in self.specs.items():
@@ -232,7 +225,4 @@ class FedSmoothLoRA(Strategy):
             U_c = best_rank_r(local_change, spec.rank, method=self.svd_method)
             uploads[name] = {"B": U_c.B, "A": U_c.A}
             kept[name] = {"U_B": U_c.B.clone(), "U_A": U_c.A.clone()}
-        return (
-            self._upload(client_state, num_samples, uploads, extras),
-            self._next_client_state(client_state, start, backbone_version, kept),
-        )
+        return uploads, kept

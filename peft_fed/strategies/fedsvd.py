@@ -7,12 +7,12 @@ refreshed ``A`` lets the frozen factor follow the data across rounds.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 
 import torch
 
 from ..linalg import LowRank, truncated_svd
-from ..state import ClientStart, ClientState, LayerTensors, ServerState, Upload
+from ..state import LayerTensors, ServerState, Upload
 from .base import Strategy
 
 
@@ -33,21 +33,6 @@ class FedSVD(Strategy):
         start = super().client_begin(broadcast, client_state, gradient_fn)
         start.train_A = False
         return start
-
-    def client_end(
-        self,
-        trained: Mapping[str, LowRank],
-        extras: Mapping[str, torch.Tensor],
-        start: ClientStart,
-        client_state: ClientState,
-        num_samples: int,
-        backbone_version: int,
-    ) -> tuple[Upload, ClientState]:
-        layers = {name: {"B": f.B.detach().clone()} for name, f in trained.items()}
-        return (
-            self._upload(client_state, num_samples, layers, extras),
-            self._next_client_state(client_state, start, backbone_version),
-        )
 
     def _aggregate_layers(
         self, state: ServerState, uploads: Sequence[Upload], weights: Sequence[float]

@@ -7,13 +7,13 @@ only ``B`` crosses the network in both directions, and the client reuses the ``A
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 
 import torch
 
 from ..linalg import LowRank
 from ..state import Broadcast, ClientStart, ClientState, LayerTensors, ServerState, Upload
-from .base import GradientFn, Strategy
+from .base import GradientFn, Strategy, pick_factors
 
 
 class FFALoRA(Strategy):
@@ -34,21 +34,9 @@ class FFALoRA(Strategy):
             factors[name] = LowRank(tensors["B"], A)
         return ClientStart(round=broadcast.round, factors=factors, train_A=False, extras=dict(broadcast.extras))
 
-    def client_end(
-        self,
-        trained: Mapping[str, LowRank],
-        extras: Mapping[str, torch.Tensor],
-        start: ClientStart,
-        client_state: ClientState,
-        num_samples: int,
-        backbone_version: int,
-    ) -> tuple[Upload, ClientState]:
-        layers = {name: {"B": f.B.detach().clone()} for name, f in trained.items()}
-        kept_A = {name: {"A": f.A.detach().clone()} for name, f in start.factors.items()}
-        return (
-            self._upload(client_state, num_samples, layers, extras),
-            self._next_client_state(client_state, start, backbone_version, kept_A),
-        )
+    def _client_end_layers(self, trained, start):
+        # upload B only; keep the frozen A so later broadcasts need not carry it
+        return pick_factors(trained, ("B",)), pick_factors(start.factors, ("A",))
 
     def _aggregate_layers(
         self, state: ServerState, uploads: Sequence[Upload], weights: Sequence[float]

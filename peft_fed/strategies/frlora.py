@@ -15,7 +15,7 @@ import torch
 
 from ..linalg import LowRank, stack_low_rank, truncated_svd
 from ..state import ClientState, LayerTensors, ServerState, Upload
-from .base import Strategy
+from .base import Strategy, pick_factors
 
 
 class FRLoRA(Strategy):
@@ -61,10 +61,9 @@ class FRLoRA(Strategy):
         layers = broadcast.layers or client_state.layers
         return super().client_begin(replace(broadcast, layers=layers), client_state)
 
-    def client_end(self, trained, extras, start, client_state, num_samples, backbone_version):
-        upload, state = super().client_end(trained, extras, start, client_state, num_samples, backbone_version)
-        principal = {name: {"B": f.B.detach().clone(), "A": f.A.detach().clone()} for name, f in start.factors.items()}
-        return upload, self._next_client_state(client_state, start, backbone_version, principal)
+    def _client_end_layers(self, trained, start):
+        # keep (B_0, A_0): a returning client is sent only backbone updates
+        return pick_factors(trained, ("B", "A")), pick_factors(start.factors, ("B", "A"))
 
     def _aggregate_layers(
         self, state: ServerState, uploads: Sequence[Upload], weights: Sequence[float]

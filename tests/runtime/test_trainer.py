@@ -138,7 +138,7 @@ def test_memory_of_many_clients_is_adapter_state(tmp_path):
 
     clients = [client_dataset(i, n=4) for i in range(50)]
     trainer = make_trainer("fedsmoothlora", tmp_path, clients=clients, clients_per_round=50, num_rounds=1,
-                           local_steps=1, eval_every=0)
+                           local_steps=1, eval_every=0, gradient_estimation_batches=1)
     trainer.train()
     assert all(state.last_round == 0 for state in trainer.client_states.values())
     models = [o for o in gc.get_objects() if isinstance(o, BertForSequenceClassification)]
