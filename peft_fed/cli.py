@@ -96,7 +96,10 @@ def _is_main_process() -> bool:
 def summarize_run(history: list[dict[str, Any]]) -> dict[str, Any]:
     """Best/final accuracy, final loss, overlap, mean loss jump, bytes and time per round of one run."""
     accuracies = [r["eval_accuracy"] for r in history if r.get("eval_accuracy") is not None]
-    jumps = [r["inter_round_loss_jump"] for r in history if r.get("inter_round_loss_jump") is not None]
+    from .runtime.trainer import inter_round_loss_jumps
+
+    # recomputed from the per-client losses, so runs written before the absolute form existed summarise too
+    jumps = [j for i, row in enumerate(history) for j in inter_round_loss_jumps(history[:i], row)]
     overlaps = [r["basis_overlap"] for r in history if r.get("basis_overlap") is not None]
 
     def mean(values):
@@ -108,6 +111,7 @@ def summarize_run(history: list[dict[str, Any]]) -> dict[str, Any]:
         "final_eval_loss": next((r["eval_loss"] for r in reversed(history) if r.get("eval_loss") is not None), None),
         "basis_overlap": mean(overlaps),
         "mean_loss_jump": mean(jumps),
+        "mean_abs_loss_jump": mean([abs(j) for j in jumps]),
         "uplink_bytes_per_round": mean([r["uplink_bytes"] for r in history]),
         "downlink_bytes_per_round": mean([r["downlink_bytes"] for r in history]),
         "seconds_per_round": mean(
@@ -154,7 +158,7 @@ def comparison_table(results: dict[str, dict[str, dict[str, Any]]]) -> str:
             return f"{values[0]:.4f}"
         return f"{statistics.mean(values):.4f} ± {statistics.stdev(values):.4f}"
 
-    keys = ("best_accuracy", "final_accuracy", "final_eval_loss", "basis_overlap", "mean_loss_jump")
+    keys = ("best_accuracy", "final_accuracy", "final_eval_loss", "basis_overlap", "mean_loss_jump", "mean_abs_loss_jump")
     lines = ["| method | seeds | " + " | ".join(keys) + " | uplink kB/round | s/round |",
              "|---" * (len(keys) + 4) + "|"]
     for method, by_seed in results.items():

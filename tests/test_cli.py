@@ -49,29 +49,32 @@ def test_yaml_must_be_a_mapping(tmp_path):
         run_config_from_args(_args("--config", str(path)))
 
 
-def _history(method, accs, jumps):
+def _history(method, accs, losses):
+    """Rows of a run where client "0" trains every round with the given (first, last) step losses."""
     return [
-        {"round": i + 1, "method": method, "eval_accuracy": a, "eval_loss": 1.0 - a, "inter_round_loss_jump": j,
+        {"round": i + 1, "method": method, "eval_accuracy": a, "eval_loss": 1.0 - a, "inter_round_loss_jump": None,
          "basis_overlap": 0.9, "uplink_bytes": 1000, "downlink_bytes": 2000, "train_loss": 1.0,
-         "round_local_wall_seconds": 1.0, "aggregation_seconds": 0.5, "eval_seconds": 0.5}
-        for i, (a, j) in enumerate(zip(accs, jumps, strict=True))
+         "round_local_wall_seconds": 1.0, "aggregation_seconds": 0.5, "eval_seconds": 0.5,
+         "client_loss_first": {"0": first}, "client_loss_last": {"0": last}}
+        for i, (a, (first, last)) in enumerate(zip(accs, losses, strict=True))
     ]
 
 
 def test_summary_and_table():
-    summary = summarize_run(_history("fedit", [0.3, 0.5, 0.4], [None, 0.2, 0.1]))
+    summary = summarize_run(_history("fedit", [0.3, 0.5, 0.4], [(1.0, 0.8), (1.0, 0.7), (0.6, 0.5)]))
     assert summary["best_accuracy"] == 0.5 and summary["final_accuracy"] == 0.4
-    assert summary["mean_loss_jump"] == pytest.approx(0.15)
+    assert summary["mean_loss_jump"] == pytest.approx(0.05)  # jumps 1.0 - 0.8 and 0.6 - 0.7
+    assert summary["mean_abs_loss_jump"] == pytest.approx(0.15)
     assert summary["seconds_per_round"] == pytest.approx(2.0)
     table = comparison_table({"fedit": {"42": summary, "43": summary}})
     assert "| fedit | 2 | 0.5000 ± 0.0000 | 0.4000 ± 0.0000 |" in table
-    assert "-" in format_round_table(_history("fedit", [0.3], [None]))
+    assert "-" in format_round_table(_history("fedit", [0.3], [(1.0, 0.9)]))
 
 
 def test_plot_command(tmp_path):
     for name in ("a", "b"):
         (tmp_path / name).mkdir()
-        rows = _history(name, [0.3, 0.4], [None, 0.1])
+        rows = _history(name, [0.3, 0.4], [(1.0, 0.9), (0.8, 0.7)])
         (tmp_path / name / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = tmp_path / "curves.png"
     assert main(["plot", str(tmp_path / "a"), str(tmp_path / "b"), "--output", str(out)]) == 0

@@ -69,6 +69,19 @@ class ClientRecord:
     failure: str | None = None
 
 
+def inter_round_loss_jumps(history: Sequence[Mapping[str, Any]], row: Mapping[str, Any]) -> list[float]:
+    """For each client of ``row`` that trained before: its first-step loss now minus its last-step loss
+    in its previous round (the discontinuity FedSmoothLoRA's Round-Matching targets)."""
+    previous_last: dict[str, float] = {}
+    for past in history:
+        previous_last.update(past["client_loss_last"])
+    return [
+        first - previous_last[cid]
+        for cid, first in row["client_loss_first"].items()
+        if cid in previous_last and math.isfinite(first) and math.isfinite(previous_last[cid])
+    ]
+
+
 def _round_seed(seed: int, round_index: int, client_id: str) -> int:
     # Independent of which process trains the client, so 1 and P processes see the same streams.
     return int(np.random.SeedSequence([seed, round_index, int(client_id)]).generate_state(1)[0])
@@ -525,7 +538,7 @@ class FederatedTrainer(Trainer):
             "round_local_wall_seconds": local_seconds,
             "aggregation_seconds": aggregate_seconds,
         }
-        row["inter_round_loss_jump"] = self._mean_loss_jump(row)
+        row["inter_round_loss_jump"], row["inter_round_loss_jump_abs"] = self._mean_loss_jump(row)
         evaluate_now = (args.eval_every and (round_index + 1) % args.eval_every == 0) or round_index + 1 == args.num_rounds
         row.update({"eval_loss": None, "eval_accuracy": None, "eval_seconds": 0.0})
         if evaluate_now and self.eval_dataset is not None:
@@ -545,17 +558,12 @@ class FederatedTrainer(Trainer):
     def _gather_scalar(self, value: float) -> list[float]:
         return gather_object([value]) if self._client_parallel else [value]
 
-    def _mean_loss_jump(self, row: Mapping[str, Any]) -> float | None:
-        """Mean over this round's clients of (first loss now - last loss at their previous round)."""
-        previous_last: dict[str, float] = {}
-        for past in self.history:
-            previous_last.update(past["client_loss_last"])
-        jumps = [
-            first - previous_last[cid]
-            for cid, first in row["client_loss_first"].items()
-            if cid in previous_last and math.isfinite(first) and math.isfinite(previous_last[cid])
-        ]
-        return float(np.mean(jumps)) if jumps else None
+    def _mean_loss_jump(self, row: Mapping[str, Any]) -> tuple[float | None, float | None]:
+        """Mean (signed, absolute) over this round's returning clients of the inter-round loss jump."""
+        jumps = inter_round_loss_jumps(self.history, row)
+        if not jumps:
+            return None, None
+        return float(np.mean(jumps)), float(np.mean(np.abs(jumps)))
 
     # ------------------------------------------------------------------ checkpoints
 
