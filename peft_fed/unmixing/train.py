@@ -1,0 +1,369 @@
+"""Training GAUSS: pseudo ground truth, one reusable training stage, and the full GAUSS / blind / prime fits.
+
+:func:`train_stage` runs a given number of steps on a given set of pixels. It only calls the model's
+forward, so it also trains a PEFT-wrapped (e.g. LoRA) GAUSS model, which is what federated unmixing needs:
+each client calls it on its own pixels, with its own pseudo ground truth, for its local steps.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .baselines import kmeans_clustering, nfindr_fclsu, vca_fclsu
+from .config import GaussConfig, GaussTrainingConfig
+from .model import GaussModel
+from .patches import PixelWindows
+
+__all__ = [
+    "GAUSS_VARIANTS",
+    "GaussResult",
+    "fit_gauss",
+    "gauss_losses",
+    "predict",
+    "pseudo_ground_truth",
+    "train_stage",
+]
+
+GAUSS_VARIANTS = ("gauss", "gauss_blind", "gauss_prime")
+
+
+def pseudo_ground_truth(
+    pixels: np.ndarray,
+    num_endmembers: int,
+    source: str = "kmeans",
+    seed: int = 0,
+    kmeans_features: str = "raw",
+    kmeans_restarts: int = 10,
+) -> np.ndarray:
+    """Pseudo ground-truth abundances ``(num_pixels, p)`` that guide the UN in stage 1.
+
+    Args:
+        pixels: ``(num_pixels, bands)``.
+        source: ``"kmeans"`` (one-hot cluster labels, k = p: GAUSS needs no other unmixing method),
+            ``"vca_fclsu"`` or ``"nfindr_fclsu"`` (GAUSS_prime: a signal-processing method's abundances).
+    """
+    if source == "kmeans":
+        labels, _ = kmeans_clustering(
+            pixels, num_endmembers, seed=seed, features=kmeans_features, restarts=kmeans_restarts
+        )
+        return np.eye(num_endmembers)[labels]
+    if source == "vca_fclsu":
+        return vca_fclsu(pixels, num_endmembers, seed=seed)[1]
+    if source == "nfindr_fclsu":
+        return nfindr_fclsu(pixels, num_endmembers, seed=seed)[1]
+    raise ValueError(f"unknown pseudo ground truth source {source!r}")
+
+
+def _data_scale(model: nn.Module) -> float:
+    # Works for a bare GaussModel and for a PEFT wrapper, which forwards attribute access to it.
+    return float(model.data_scale)
+
+
+def gauss_losses(
+    outputs: dict[str, torch.Tensor],
+    centres: torch.Tensor,
+    pseudo_targets: torch.Tensor | None,
+    config: GaussTrainingConfig,
+    blind: bool,
+    data_scale: float = 1.0,
+) -> dict[str, torch.Tensor]:
+    """The weighted GAUSS losses of one batch and their sum (``"total"``).
+
+    - approximation: ``mean |AN(window) - centre|^2`` (scaled units), trains the AN;
+    - pseudo: UN abundances vs the pseudo ground truth (soft-target cross-entropy or MSE);
+    - reconstruction: ``MN(abundances)`` vs the (detached) AN output, MSE, relative MSE or spectral angle;
+    - mixing_nonlinear: ``mean(correction^2)`` of the MN's non-linear part, when weighted.
+
+    Stage 1 uses ``pseudo_weight``; the blind stage uses ``blind_pseudo_weight`` instead.
+    """
+    approximation = outputs["approximation"] / data_scale
+    reconstruction = outputs["reconstruction"] / data_scale
+    losses: dict[str, torch.Tensor] = {}
+    losses["approximation"] = torch.mean((approximation - centres / data_scale) ** 2)
+    target = approximation.detach()
+    if config.reconstruction_loss == "mse":
+        losses["reconstruction"] = torch.mean((reconstruction - target) ** 2)
+    elif config.reconstruction_loss == "relative_mse":
+        # Squared error relative to each pixel's energy: dark materials (water, shade) weigh as much as
+        # bright ones, which an absolute MSE would let their spectral shape be sacrificed for.
+        energy = torch.mean(target**2, dim=-1).clamp_min(1e-12)
+        losses["reconstruction"] = torch.mean(torch.mean((reconstruction - target) ** 2, dim=-1) / energy)
+    else:
+        cosine = nn.functional.cosine_similarity(reconstruction, target, dim=-1, eps=1e-8)
+        losses["reconstruction"] = torch.mean(torch.arccos(torch.clamp(cosine, -1 + 1e-7, 1 - 1e-7)))
+    pseudo_weight = config.blind_pseudo_weight if blind else config.pseudo_weight
+    if pseudo_targets is not None and pseudo_weight > 0:
+        if config.pseudo_loss == "cross_entropy":
+            log_probs = torch.log_softmax(outputs["logits"], dim=-1)
+            losses["pseudo"] = -torch.mean(torch.sum(pseudo_targets * log_probs, dim=-1))
+        else:
+            losses["pseudo"] = torch.mean((outputs["abundances"] - pseudo_targets) ** 2)
+    total = (
+        config.approximation_weight * losses["approximation"]
+        + config.reconstruction_weight * losses["reconstruction"]
+    )
+    if config.mn_nonlinear_weight > 0 and "mixing_nonlinear" in outputs:
+        losses["mixing_nonlinear"] = torch.mean(outputs["mixing_nonlinear"] ** 2)
+        total = total + config.mn_nonlinear_weight * losses["mixing_nonlinear"]
+    if "pseudo" in losses:
+        total = total + pseudo_weight * losses["pseudo"]
+    losses["total"] = total
+    return losses
+
+
+def train_stage(
+    model: nn.Module,
+    windows: PixelWindows,
+    steps: int,
+    config: GaussTrainingConfig,
+    pixel_indices: np.ndarray | None = None,
+    pseudo_targets: np.ndarray | torch.Tensor | None = None,
+    blind: bool = False,
+    optimizer: torch.optim.Optimizer | None = None,
+    learning_rate: float | None = None,
+    generator: torch.Generator | None = None,
+    description: str = "GAUSS",
+) -> list[dict[str, float]]:
+    """Run ``steps`` optimisation steps of one GAUSS stage on a set of pixels.
+
+    Args:
+        model: a :class:`~peft_fed.unmixing.model.GaussModel`, or a wrapper (e.g. a PEFT model) whose
+            forward takes the same arguments; only parameters with ``requires_grad`` are optimised.
+        windows: the neighbourhood source of the image.
+        steps: number of optimisation steps (mini-batches sampled with replacement).
+        config: loss weights, batch size, learning rates, progress bar switch.
+        pixel_indices: row-major indices of the pixels to train on (default: all pixels), e.g. a client's
+            tiles.
+        pseudo_targets: pseudo ground truth aligned with ``pixel_indices`` (``(len(pixel_indices), p)``);
+            required in stage 1 when ``pseudo_weight > 0``.
+        blind: False for stage 1 (the MN's input is detached, so the UN learns only from the pseudo ground
+            truth); True for the GAUSS_blind stage (UN and MN joined, reconstruction back-propagated into
+            the UN).
+        optimizer: reuse an optimizer (e.g. to keep Adam moments across federated rounds); by default a
+            fresh Adam over the trainable parameters.
+        learning_rate: learning rate of a fresh optimizer (default: the stage's rate from ``config``).
+        generator: torch generator for batch sampling (default: seeded from ``config.seed``).
+        description: progress bar label.
+
+    Returns:
+        one dict of float losses per step.
+    """
+    if steps < 0:
+        raise ValueError(f"steps must be >= 0, got {steps}")
+    device = windows.padded.device
+    if pixel_indices is None:
+        pixel_indices = np.arange(windows.num_pixels)
+    pixel_indices = torch.as_tensor(np.asarray(pixel_indices), dtype=torch.long, device=device)
+    if pixel_indices.numel() == 0:
+        raise ValueError("train_stage needs at least one pixel")
+    targets = None
+    if pseudo_targets is not None:
+        targets = torch.as_tensor(np.asarray(pseudo_targets), dtype=windows.padded.dtype, device=device)
+        if targets.shape[0] != pixel_indices.shape[0]:
+            raise ValueError(
+                f"pseudo_targets has {targets.shape[0]} rows for {pixel_indices.shape[0]} pixels"
+            )
+    pseudo_weight = config.blind_pseudo_weight if blind else config.pseudo_weight
+    if targets is None and pseudo_weight > 0:
+        raise ValueError(
+            "pseudo_targets are required when the pseudo ground-truth loss has a non-zero weight"
+        )
+    if optimizer is None:
+        parameters = [p for p in model.parameters() if p.requires_grad]
+        if not parameters:
+            raise ValueError("the model has no trainable parameters")
+        rate = (
+            learning_rate
+            if learning_rate is not None
+            else (config.blind_learning_rate if blind else config.learning_rate)
+        )
+        optimizer = torch.optim.Adam(parameters, lr=rate, weight_decay=config.weight_decay)
+    if generator is None:
+        generator = torch.Generator(device="cpu").manual_seed(config.seed + (1 if blind else 0))
+    scale = _data_scale(model)
+    batch_size = min(config.batch_size, pixel_indices.shape[0])
+    history: list[dict[str, float]] = []
+    model.train()
+    progress = tqdm(range(steps), desc=description, disable=not config.show_progress, leave=False)
+    for _ in progress:
+        batch = torch.randint(pixel_indices.shape[0], (batch_size,), generator=generator).to(device)
+        indices = pixel_indices[batch]
+        window_batch, centre_batch = windows(indices), windows.centres(indices)
+        target_batch = targets[batch] if targets is not None else None
+        if config.mixup_fraction > 0 and not blind:
+            window_batch, centre_batch, target_batch = _mixup(
+                window_batch, centre_batch, target_batch, config.mixup_fraction, generator
+            )
+        outputs = model(window_batch, detach_un_input=config.detach_un_input, detach_mn_input=not blind)
+        losses = gauss_losses(outputs, centre_batch, target_batch, config, blind=blind, data_scale=scale)
+        optimizer.zero_grad(set_to_none=True)
+        losses["total"].backward()
+        optimizer.step()
+        if config.nonnegative_mixing and hasattr(model, "clamp_mixing_weights_"):
+            model.clamp_mixing_weights_()
+        record = {name: float(value.detach()) for name, value in losses.items()}
+        history.append(record)
+        progress.set_postfix(loss=f"{record['total']:.4g}", refresh=False)
+    model.eval()
+    return history
+
+
+def _mixup(
+    windows: torch.Tensor,
+    centres: torch.Tensor,
+    targets: torch.Tensor | None,
+    fraction: float,
+    generator: torch.Generator,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Replace the first ``fraction`` of a batch by convex mixtures of two batch members (same weight for
+    windows, centres and pseudo targets: the linear mixing model maps mixed spectra to mixed abundances)."""
+    count = int(round(fraction * windows.shape[0]))
+    if count == 0:
+        return windows, centres, targets
+    partners = torch.randint(windows.shape[0], (count,), generator=generator).to(windows.device)
+    weights = torch.rand(count, generator=generator).to(device=windows.device, dtype=windows.dtype)
+    windows, centres = windows.clone(), centres.clone()
+    windows[:count] = (
+        weights[:, None, None] * windows[:count] + (1 - weights[:, None, None]) * windows[partners]
+    )
+    centres[:count] = weights[:, None] * centres[:count] + (1 - weights[:, None]) * centres[partners]
+    if targets is not None:
+        targets = targets.clone()
+        targets[:count] = weights[:, None] * targets[:count] + (1 - weights[:, None]) * targets[partners]
+    return windows, centres, targets
+
+
+@torch.no_grad()
+def predict(
+    model: nn.Module, windows: PixelWindows, pixel_indices: np.ndarray | None = None, batch_size: int = 4096
+) -> dict[str, np.ndarray]:
+    """Abundances, approximations and reconstructions of the given pixels (default: all), as numpy arrays."""
+    model.eval()
+    if pixel_indices is None:
+        pixel_indices = np.arange(windows.num_pixels)
+    outputs: dict[str, list[np.ndarray]] = {"abundances": [], "approximation": [], "reconstruction": []}
+    for start in range(0, len(pixel_indices), batch_size):
+        batch = model(windows(pixel_indices[start : start + batch_size]))
+        for key in outputs:
+            outputs[key].append(batch[key].double().cpu().numpy())
+    return {key: np.concatenate(value, axis=0) for key, value in outputs.items()}
+
+
+@dataclass
+class GaussResult:
+    """Outcome of :func:`fit_gauss`.
+
+    Attributes:
+        model: the trained :class:`GaussModel`.
+        endmembers: ``(bands, p)``, column k = ``MN(e_k)``.
+        abundances: ``(rows, cols, p)`` from the UN on the AN's approximations.
+        reconstruction: ``(rows, cols, bands)``, ``MN(abundances)``.
+        approximation: ``(rows, cols, bands)``, the AN's output.
+        pseudo_targets: ``(rows * cols, p)`` pseudo ground truth used in stage 1.
+        history: per-stage lists of per-step losses.
+        timings: seconds spent per phase.
+    """
+
+    model: nn.Module
+    endmembers: np.ndarray
+    abundances: np.ndarray
+    reconstruction: np.ndarray
+    approximation: np.ndarray
+    pseudo_targets: np.ndarray
+    history: dict[str, list[dict[str, float]]] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def fit_gauss(
+    cube: np.ndarray,
+    num_endmembers: int,
+    variant: str = "gauss",
+    model_config: GaussConfig | None = None,
+    training_config: GaussTrainingConfig | None = None,
+) -> GaussResult:
+    """Train GAUSS, GAUSS_blind or GAUSS_prime on a cube ``(rows, cols, bands)`` and unmix it.
+
+    - ``"gauss"``: stage 1 with one-hot k-means pseudo ground truth (k = p);
+    - ``"gauss_blind"``: the same stage 1, then ``blind_steps`` steps with UN and MN joined;
+    - ``"gauss_prime"``: stage 1 with FCLSU abundances on VCA or N-FINDR endmembers as pseudo ground truth.
+
+    Deterministic given ``training_config.seed`` (single-threaded CPU kernels aside).
+    """
+    if variant not in GAUSS_VARIANTS:
+        raise ValueError(f"variant must be one of {GAUSS_VARIANTS}, got {variant!r}")
+    cube = np.asarray(cube, dtype=np.float64)
+    if cube.ndim != 3:
+        raise ValueError(f"cube must be (rows, cols, bands), got shape {cube.shape}")
+    rows, cols, bands = cube.shape
+    training_config = training_config or GaussTrainingConfig()
+    model_config = model_config or GaussConfig(num_bands=bands, num_endmembers=num_endmembers)
+    if model_config.num_bands != bands or model_config.num_endmembers != num_endmembers:
+        raise ValueError(
+            f"model_config is for {model_config.num_bands} bands and {model_config.num_endmembers} endmembers, "
+            f"the data have {bands} bands and {num_endmembers} endmembers were asked for"
+        )
+    timings: dict[str, float] = {}
+    pixels = cube.reshape(-1, bands)
+
+    start = time.perf_counter()
+    source = "kmeans" if variant != "gauss_prime" else f"{training_config.prime_extractor}_fclsu"
+    targets = pseudo_ground_truth(
+        pixels,
+        num_endmembers,
+        source=source,
+        seed=training_config.seed,
+        kmeans_features=training_config.kmeans_features,
+        kmeans_restarts=training_config.kmeans_restarts,
+    )
+    timings["pseudo_ground_truth_s"] = time.perf_counter() - start
+
+    torch.manual_seed(training_config.seed)
+    # One global scale keeps the mixing linear (per-band standardisation would not).
+    data_scale = float(np.max(np.abs(cube))) or 1.0
+    model = GaussModel(model_config, data_scale=data_scale).to(training_config.device)
+    windows = PixelWindows(cube, model_config.window_size, device=training_config.device)
+
+    history: dict[str, list[dict[str, float]]] = {}
+    start = time.perf_counter()
+    history["stage1"] = train_stage(
+        model,
+        windows,
+        training_config.stage1_steps,
+        training_config,
+        pseudo_targets=targets,
+        blind=False,
+        description=f"{variant} stage 1",
+    )
+    timings["stage1_s"] = time.perf_counter() - start
+    if variant == "gauss_blind" and training_config.blind_steps > 0:
+        start = time.perf_counter()
+        history["blind"] = train_stage(
+            model,
+            windows,
+            training_config.blind_steps,
+            training_config,
+            pseudo_targets=targets if training_config.blind_pseudo_weight > 0 else None,
+            blind=True,
+            description=f"{variant} blind stage",
+        )
+        timings["blind_s"] = time.perf_counter() - start
+
+    outputs = predict(model, windows)
+    with torch.no_grad():
+        endmembers = model.endmembers().double().cpu().numpy()
+    return GaussResult(
+        model=model,
+        endmembers=endmembers,
+        abundances=outputs["abundances"].reshape(rows, cols, num_endmembers),
+        reconstruction=outputs["reconstruction"].reshape(rows, cols, bands),
+        approximation=outputs["approximation"].reshape(rows, cols, bands),
+        pseudo_targets=targets,
+        history=history,
+        timings=timings,
+    )
