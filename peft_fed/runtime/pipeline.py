@@ -233,7 +233,6 @@ def run_federated(config: FederatedRunConfig) -> RunResult:
         data_collator=task.collator(tokenizer),
         processing_class=tokenizer,
         preprocess_logits_for_metrics=task.preprocess_logits_for_metrics,
-        run_info={"model": config.model, "dataset": config.dataset, "task_type": task_type},
     )
     history = trainer.train()
     final_dir = output_dir / "final"

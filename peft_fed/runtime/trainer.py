@@ -99,7 +99,6 @@ class FederatedTrainer(Trainer):
         task: optional task object with ``compute_loss(model, inputs) -> (loss, logits)`` for tasks whose
             model forward does not compute the task loss (multiple choice by log-likelihood).
         strategy: a built :class:`~peft_fed.Strategy`, or ``None`` to build ``args.method``.
-        run_info: facts recorded in metrics and the exported model card (model and dataset names...).
 
     ``train()`` runs all rounds and returns the list of per-round metrics (also written, one JSON
     object per round, to ``OUTPUT_DIR/metrics.jsonl``).
@@ -119,7 +118,6 @@ class FederatedTrainer(Trainer):
         eval_dataset: Any = None,
         task: Any = None,
         strategy: Strategy | None = None,
-        run_info: Mapping[str, Any] | None = None,
         **trainer_kwargs: Any,
     ) -> None:
         if not isinstance(args, FederatedTrainingArguments):
@@ -147,7 +145,6 @@ class FederatedTrainer(Trainer):
             self.gradient_batches = 0
         self.extra_names = peft_bridge.trainable_extra_names(model)
         self.original_weights = peft_bridge.base_weights(model)
-        self.run_info = dict(run_info or {})
         self.history: list[dict[str, Any]] = []
         self._current_start = None
         self._step_losses: list[float] = []
@@ -235,8 +232,13 @@ class FederatedTrainer(Trainer):
 
     # ------------------------------------------------------------------ Trainer hooks
 
+    @property
+    def _uses_task_loss(self) -> bool:
+        """Whether the task computes the loss itself (multiple choice by log-likelihood), not the model."""
+        return self.task is not None and getattr(self.task, "needs_custom_loss", True) and hasattr(self.task, "compute_loss")
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        if self.task is not None and getattr(self.task, "needs_custom_loss", True) and hasattr(self.task, "compute_loss"):
+        if self._uses_task_loss:
             loss, logits = self.task.compute_loss(model, inputs)
             outputs = {"logits": logits}
         else:
@@ -367,7 +369,7 @@ class FederatedTrainer(Trainer):
         return batches
 
     def _task_loss(self, model, batch) -> torch.Tensor:
-        if self.task is not None and getattr(self.task, "needs_custom_loss", True) and hasattr(self.task, "compute_loss"):
+        if self._uses_task_loss:
             return self.task.compute_loss(model, batch)[0]
         return model(**batch).loss
 
