@@ -216,9 +216,10 @@ def run_federated(config: FederatedRunConfig) -> RunResult:
         export_max_error=config.export_max_error,
         bf16=config.bf16,
         use_cpu=config.use_cpu,
-        gradient_checkpointing=config.gradient_checkpointing,
         deepspeed=config.deepspeed,
         report_to=config.report_to,
+        # passed only when asked for: transformers 5 warns on the (still working) old name
+        **({"gradient_checkpointing": True} if config.gradient_checkpointing else {}),
         lr_scheduler_type="constant",
         remove_unused_columns=False,
         dataloader_num_workers=0,
