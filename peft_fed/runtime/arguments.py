@@ -68,10 +68,6 @@ class FederatedTrainingArguments(TrainingArguments):
     method_kwargs: dict[str, Any] | None = field(
         default=None, metadata={"help": "Hyperparameters of the method (override the PEFT config's)."}
     )
-    export_rank: int | None = field(default=None, metadata={"help": "Rank of the exported final adapter (default: the training rank)."})
-    export_max_error: float | None = field(
-        default=None, metadata={"help": "Export at the smallest rank whose relative error is below this."}
-    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -101,8 +97,6 @@ class FederatedTrainingArguments(TrainingArguments):
             raise ValueError(f"parallel_mode must be one of {PARALLEL_MODES}, got {self.parallel_mode!r}")
         if self.gradient_estimation_batches is not None and self.gradient_estimation_batches < 1:
             raise ValueError("gradient_estimation_batches must be >= 1")
-        if self.export_rank is not None and self.export_max_error is not None:
-            raise ValueError("give export_rank or export_max_error, not both")
 
     def round_learning_rate(self, round_index: int) -> float:
         """The learning rate of round ``round_index`` (0-based) under ``round_lr_scheduler``."""

@@ -212,8 +212,6 @@ def run_federated(config: FederatedRunConfig) -> RunResult:
         save_every=config.save_every,
         resume=config.resume,
         method_kwargs=method_kwargs or None,
-        export_rank=config.export_rank,
-        export_max_error=config.export_max_error,
         bf16=config.bf16,
         use_cpu=config.use_cpu,
         deepspeed=config.deepspeed,
