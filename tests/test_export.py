@@ -22,13 +22,12 @@ import pytest
 import torch
 from huggingface_hub import ModelCard, RepoUrl
 from peft import LoraConfig, PeftModel, get_peft_model
+from tiny_models import tiny_bert_config, tiny_gpt2_config
 from transformers import (
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
     AutoTokenizer,
-    BertConfig,
     BertForSequenceClassification,
-    GPT2Config,
     GPT2LMHeadModel,
 )
 
@@ -58,24 +57,11 @@ def _hub_offline(monkeypatch):
 BERT_LAYERS = [f"bert.encoder.layer.{i}.attention.self.{p}" for i in range(2) for p in ("query", "value")]
 
 
-def _bert_config() -> BertConfig:
-    return BertConfig(
-        vocab_size=99,
-        hidden_size=HIDDEN,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=37,
-        max_position_embeddings=64,
-        hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
-    )
-
-
 @pytest.fixture(scope="module")
 def bert_dir(tmp_path_factory) -> str:
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("bert-base")
-    BertForSequenceClassification(_bert_config()).save_pretrained(path)
+    BertForSequenceClassification(tiny_bert_config(num_labels=2)).save_pretrained(path)
     return str(path)
 
 
@@ -83,9 +69,7 @@ def bert_dir(tmp_path_factory) -> str:
 def gpt2_dir(tmp_path_factory) -> str:
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("gpt2-base")
-    config = GPT2Config(vocab_size=99, n_positions=64, n_embd=HIDDEN, n_layer=2, n_head=2, resid_pdrop=0.0)
-    config.embd_pdrop = config.attn_pdrop = 0.0
-    GPT2LMHeadModel(config).save_pretrained(path)
+    GPT2LMHeadModel(tiny_gpt2_config()).save_pretrained(path)
     return str(path)
 
 
@@ -506,7 +490,7 @@ def test_initial_adapter_hub_id_offline_is_a_clear_error(bert_dir, tmp_path, mon
 def small_export(tmp_path_factory):
     torch.manual_seed(0)
     model = get_peft_model(
-        BertForSequenceClassification(_bert_config()),
+        BertForSequenceClassification(tiny_bert_config(num_labels=2)),
         LoraConfig(r=2, target_modules=["query"], task_type="SEQ_CLS"),
     )
     return model, _simulate_federated_run(model), tmp_path_factory.mktemp("errors")

@@ -7,20 +7,26 @@ from peft import LoraConfig, get_peft_model
 from transformers import BertConfig, BertForSequenceClassification, GPT2Config, GPT2LMHeadModel
 
 
-def tiny_bert(num_labels: int = 3, seed: int = 0) -> BertForSequenceClassification:
-    torch.manual_seed(seed)
-    config = BertConfig(
+def tiny_bert_config(num_labels: int = 3) -> BertConfig:
+    return BertConfig(
         vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=37,
         max_position_embeddings=64, num_labels=num_labels, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
     )
-    return BertForSequenceClassification(config).eval()
+
+
+def tiny_gpt2_config() -> GPT2Config:
+    return GPT2Config(vocab_size=99, n_positions=64, n_embd=32, n_layer=2, n_head=2, resid_pdrop=0.0,
+                      embd_pdrop=0.0, attn_pdrop=0.0)
+
+
+def tiny_bert(num_labels: int = 3, seed: int = 0) -> BertForSequenceClassification:
+    torch.manual_seed(seed)
+    return BertForSequenceClassification(tiny_bert_config(num_labels)).eval()
 
 
 def tiny_gpt2(seed: int = 0) -> GPT2LMHeadModel:
     torch.manual_seed(seed)
-    config = GPT2Config(vocab_size=99, n_positions=64, n_embd=32, n_layer=2, n_head=2, resid_pdrop=0.0,
-                        embd_pdrop=0.0, attn_pdrop=0.0)
-    return GPT2LMHeadModel(config).eval()
+    return GPT2LMHeadModel(tiny_gpt2_config()).eval()
 
 
 def lora_bert(r: int = 4, seed: int = 0, config_cls=LoraConfig, **kwargs):
