@@ -24,14 +24,16 @@ from typing import Any
 
 import torch
 from transformers import (
+    AutoImageProcessor,
     AutoModelForCausalLM,
+    AutoModelForImageClassification,
     AutoModelForMultipleChoice,
     AutoModelForSequenceClassification,
     AutoTokenizer,
     PreTrainedModel,
 )
 
-from .data.tasks import PEFT_TASK_TYPES, TASK_TYPES
+from .data.tasks import CLASSIFICATION_TASK_TYPES, PEFT_TASK_TYPES, TASK_TYPES
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +42,7 @@ _AUTO_CLASSES = {
     "mc_encoder": AutoModelForMultipleChoice,
     "mc_causal": AutoModelForCausalLM,
     "causal_lm": AutoModelForCausalLM,
+    "image_cls": AutoModelForImageClassification,
 }
 
 
@@ -175,13 +178,15 @@ def load_model_and_tokenizer(
     dtype: str | torch.dtype | None = None,
     **model_kwargs: Any,
 ) -> tuple[PreTrainedModel, Any]:
-    """Load the model class matching `task_type` and its tokenizer.
+    """Load the model class matching `task_type` and its tokenizer (its image processor for `image_cls`).
 
     Args:
         model_name_or_path: alias (see `MODEL_ALIASES`), Hub id, local folder, GGUF folder or `.gguf` file.
         task_type: one of `TASK_TYPES`; selects `AutoModelForSequenceClassification` (`seq_cls`),
-            `AutoModelForMultipleChoice` (`mc_encoder`) or `AutoModelForCausalLM` (`mc_causal`, `causal_lm`).
-        num_labels: number of classes (`seq_cls`, defaults to `len(label_names)`).
+            `AutoModelForMultipleChoice` (`mc_encoder`), `AutoModelForCausalLM` (`mc_causal`, `causal_lm`) or
+            `AutoModelForImageClassification` (`image_cls`; a pretrained head of another size, e.g. ImageNet's
+            1000 classes, is replaced by a fresh one: `ignore_mismatched_sizes`).
+        num_labels: number of classes (`seq_cls`, `image_cls`; defaults to `len(label_names)`).
         label_names: class names, stored as `config.id2label` / `label2id`.
         dtype: parameter dtype (`float32` by default; `"bfloat16"`, `"auto"`, a `torch.dtype`...).
         **model_kwargs: forwarded to `from_pretrained` (e.g. `attn_implementation`, `revision`).
@@ -193,9 +198,13 @@ def load_model_and_tokenizer(
     if task_type not in TASK_TYPES:
         raise ValueError(f"Unknown task_type '{task_type}'; choose one of {list(TASK_TYPES)}.")
     resolved = resolve_model_source(model_name_or_path)
-    tokenizer = load_tokenizer(model_name_or_path)
+    if task_type == "image_cls":
+        tokenizer = AutoImageProcessor.from_pretrained(resolved.source)
+        model_kwargs.setdefault("ignore_mismatched_sizes", True)
+    else:
+        tokenizer = load_tokenizer(model_name_or_path)
     kwargs: dict[str, Any] = {"dtype": _resolve_dtype(dtype), **resolved.load_kwargs, **model_kwargs}
-    if task_type == "seq_cls":
+    if task_type in CLASSIFICATION_TASK_TYPES:
         if label_names is not None:
             label_names = list(label_names)
             num_labels = num_labels or len(label_names)
@@ -204,7 +213,7 @@ def load_model_and_tokenizer(
             kwargs["id2label"] = dict(enumerate(label_names))
             kwargs["label2id"] = {n: i for i, n in enumerate(label_names)}
         if num_labels is None or num_labels < 2:
-            raise ValueError(f"seq_cls needs num_labels >= 2 (or label_names), got {num_labels}.")
+            raise ValueError(f"{task_type} needs num_labels >= 2 (or label_names), got {num_labels}.")
         kwargs["num_labels"] = num_labels
     auto_class = _AUTO_CLASSES[task_type]
     try:
@@ -219,10 +228,12 @@ def load_model_and_tokenizer(
         raise
     if resolved.gguf_file:
         _forget_gguf_quantization(model)
-    if model.config.pad_token_id is None:
+    if task_type == "image_cls":
+        pass  # no token padding: the image processor resizes every image to the model's input size
+    elif model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     generation_config = getattr(model, "generation_config", None)
-    if generation_config is not None and generation_config.pad_token_id is None:
+    if task_type != "image_cls" and generation_config is not None and generation_config.pad_token_id is None:
         generation_config.pad_token_id = tokenizer.pad_token_id
     head = set(default_modules_to_save(model, task_type) or [])
     fresh_outside_head = sorted(

@@ -56,3 +56,79 @@ def classification_loss(model, batch):
 
 def lm_loss(model, batch):
     return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["input_ids"]).loss
+
+
+def make_byte_tokenizer(encoder: bool):
+    """A byte-level BPE tokenizer without merges: every byte is a token, nothing to train or download.
+
+    `encoder=True` adds BERT-style `[CLS] a [SEP] b [SEP]` templates with token type ids; `encoder=False` behaves
+    like a GPT/Llama tokenizer (no special tokens added, `" word"` keeps its leading space byte).
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<s>", "</s>", "[CLS]", "[SEP]"]
+    vocab = {token: i for i, token in enumerate(specials + sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    kwargs = {}
+    if encoder:
+        backend.post_processor = processors.TemplateProcessing(
+            single="[CLS] $A [SEP]",
+            pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+            special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])],
+        )
+        kwargs = {
+            "cls_token": "[CLS]",
+            "sep_token": "[SEP]",
+            "model_input_names": ["input_ids", "token_type_ids", "attention_mask"],
+        }
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token="<pad>", bos_token="<s>", eos_token="</s>", **kwargs
+    )
+
+
+def save_stand_in(kind: str, folder) -> str:
+    """Write a tiny random-weight stand-in of a preset's model family to `folder` (HF format); return its path.
+
+    `roberta`: a RoBERTa encoder (multiple choice); `llama`: a Llama decoder (SmolLM / Llama-3.2 family);
+    `llama-wide`: the same with 128-wide projections (room for FedSmoothLoRA's 2r <= min(m, n) at r=32);
+    `vit`: a ViT image classifier on 32x32 images with its image processor.
+    """
+    from transformers import (
+        LlamaConfig,
+        LlamaForCausalLM,
+        RobertaConfig,
+        RobertaForMultipleChoice,
+        ViTConfig,
+        ViTForImageClassification,
+        ViTImageProcessor,
+    )
+
+    torch.manual_seed(0)
+    folder = str(folder)
+    if kind == "vit":
+        config = ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                           intermediate_size=64, num_labels=10)  # fmt: skip
+        ViTForImageClassification(config).save_pretrained(folder)
+        ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(folder)
+        return folder
+    tokenizer = make_byte_tokenizer(encoder=kind == "roberta")
+    if kind == "roberta":
+        model = RobertaForMultipleChoice(RobertaConfig(
+            vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+            max_position_embeddings=600, pad_token_id=tokenizer.pad_token_id, type_vocab_size=2,
+        ))  # fmt: skip
+    elif kind in ("llama", "llama-wide"):
+        width = 128 if kind == "llama-wide" else 32
+        model = LlamaForCausalLM(LlamaConfig(
+            vocab_size=len(tokenizer), hidden_size=width, intermediate_size=2 * width, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=4 if kind == "llama-wide" else 2, max_position_embeddings=1024,
+            pad_token_id=tokenizer.pad_token_id,
+        ))  # fmt: skip
+    else:
+        raise ValueError(f"unknown stand-in kind {kind!r}")
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder

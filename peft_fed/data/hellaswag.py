@@ -11,10 +11,10 @@ from __future__ import annotations
 import logging
 import os
 import re
-from pathlib import Path
 
 import datasets
 
+from .hub import load_raw_dataset
 from .wordnet import HELLASWAG_FEATURES
 
 logger = logging.getLogger(__name__)
@@ -115,22 +115,6 @@ def normalize_hellaswag(
     return out
 
 
-def _load_raw(name_or_path: str | os.PathLike, cache_dir: str | None) -> datasets.DatasetDict:
-    path = Path(name_or_path)
-    if path.is_file():
-        fmt = _LOCAL_FORMATS.get(path.suffix.lower())
-        if fmt is None:
-            raise ValueError(
-                f"Unsupported HellaSwag file type '{path.suffix}' ({path}); use .jsonl, .json or .parquet "
-                "(the `endings` list column does not fit in CSV)."
-            )
-        return datasets.load_dataset(fmt, data_files={"train": str(path)}, cache_dir=cache_dir)
-    if path.is_dir():
-        return datasets.load_dataset(str(path), cache_dir=cache_dir)
-    # Not a local path: a Hub dataset id (needs network access or a populated HF cache).
-    return datasets.load_dataset(str(name_or_path), cache_dir=cache_dir)
-
-
 def load_hellaswag(
     name_or_path: str | os.PathLike = HELLASWAG_HUB_ID,
     *,
@@ -154,7 +138,7 @@ def load_hellaswag(
     file) is divided by its `split` column (`train` vs `val`/`validation`) when that column marks both. The Hub's
     `test` split has no labels and is ignored.
     """
-    raw = _load_raw(name_or_path, cache_dir)
+    raw = load_raw_dataset(name_or_path, cache_dir, _LOCAL_FORMATS)
     if "train" not in raw:
         raise ValueError(f"No 'train' split in {name_or_path} (found {list(raw)}).")
     eval_name = next((name for name in _EVAL_SPLIT_NAMES if name in raw), None)

@@ -8,6 +8,8 @@ Built-in names (all offline except the Hub path of `hellaswag`):
 | `wordnet_mc`     | `mc_encoder`, `mc_causal`| WordNet, HellaSwag schema                      |
 | `wordnet_define` | `causal_lm`              | WordNet, `Define the noun "x".` -> definition  |
 | `hellaswag`      | `mc_encoder`, `mc_causal`| Hub `Rowan/hellaswag` or a local file (`path=`)|
+| `cifar100`       | `image_cls`              | Hub `uoft-cs/cifar100` or a local copy (`path=`)|
+| `metamathqa`     | `causal_lm`              | Hub `meta-math/MetaMathQA` or a local copy (`path=`)|
 
 Anything else is read as a local `.json` / `.jsonl` / `.csv` / `.parquet` file (or a folder of them) and needs
 `task_type`; its columns are checked against the task (`TaskSpec.required_columns`).
@@ -25,7 +27,8 @@ from typing import Any
 import datasets
 
 from .hellaswag import HELLASWAG_HUB_ID, load_hellaswag, normalize_hellaswag
-from .tasks import TASK_TYPES, TaskSpec
+from .hub import CIFAR100_HUB_ID, METAMATHQA_HUB_ID, load_cifar100, load_metamathqa
+from .tasks import CLASSIFICATION_TASK_TYPES, TASK_TYPES, TaskSpec
 from .wordnet import build_wordnet_define, build_wordnet_mc, build_wordnet_topic
 
 logger = logging.getLogger(__name__)
@@ -75,7 +78,7 @@ class TaskDatasetInfo:
             "natural_id_column": self.natural_id_column,
             **self.columns,
         }
-        if self.task_type == "seq_cls":
+        if self.task_type in CLASSIFICATION_TASK_TYPES:
             kwargs["num_labels"] = self.num_labels
             kwargs["label_names"] = self.label_names
         if self.num_choices is not None:
@@ -94,12 +97,23 @@ class _Entry:
     natural_id_column: str | None
     columns: Mapping[str, str]
     description: str
+    label_column: str = "label"
 
 
 def _hellaswag_builder(
     *, path: str | os.PathLike = HELLASWAG_HUB_ID, seed: int = 0, **kwargs
 ) -> datasets.DatasetDict:
     return load_hellaswag(path, seed=seed, **kwargs)
+
+
+def _cifar100_builder(*, path: str | os.PathLike = CIFAR100_HUB_ID, seed: int = 0, **kwargs) -> datasets.DatasetDict:
+    return load_cifar100(path, seed=seed, **kwargs)
+
+
+def _metamathqa_builder(
+    *, path: str | os.PathLike = METAMATHQA_HUB_ID, seed: int = 0, **kwargs
+) -> datasets.DatasetDict:
+    return load_metamathqa(path, seed=seed, **kwargs)
 
 
 DATASET_REGISTRY: dict[str, _Entry] = {
@@ -121,6 +135,15 @@ DATASET_REGISTRY: dict[str, _Entry] = {
         _hellaswag_builder, ("mc_encoder", "mc_causal"), "activity_label",
         {"context_column": "ctx", "endings_column": "endings"},
         "HellaSwag commonsense sentence completion (Rowan/hellaswag schema)",
+    ),
+    "cifar100": _Entry(
+        _cifar100_builder, ("image_cls",), "coarse_label", {"image_column": "img"},
+        "CIFAR-100 image classification over fine_label (uoft-cs/cifar100 schema)", label_column="fine_label",
+    ),
+    "metamathqa": _Entry(
+        _metamathqa_builder, ("causal_lm",), "type",
+        {"instruction_column": "query", "response_column": "response"},
+        "MetaMathQA math instruction tuning: query -> worked response (meta-math/MetaMathQA schema)",
     ),
 }  # fmt: skip
 
@@ -191,7 +214,7 @@ def load_task_dataset(
         eval_fraction: share held out for eval when the source has no eval split.
         max_train_samples / max_eval_samples: keep a seeded random subset of that many rows.
         eval_path: local files only: a separate eval file (otherwise `eval_fraction` of the file is held out).
-        label_column: local files only: the label column (string labels are encoded to class ids, sorted).
+        label_column: local files only (registered datasets name their own): the label column (string labels are encoded to class ids, sorted).
         natural_id_column: override the natural-id column (registry default: `activity_label` / `category`).
         column_mapping: local files only: rename columns to the task's names first, e.g. `{"sentence": "text"}`.
         cache_dir: `datasets` cache folder for file / Hub loading.
@@ -211,11 +234,12 @@ def load_task_dataset(
                 f"Dataset '{name}' supports task types {list(entry.task_types)}, not '{task_type}'."
             )
         builder_kwargs.setdefault("eval_fraction", eval_fraction)
-        if name == "hellaswag":
+        if name in ("hellaswag", "cifar100", "metamathqa"):
             builder_kwargs.setdefault("cache_dir", cache_dir)
         splits = entry.builder(seed=seed, **builder_kwargs)
         train, evaluation = splits["train"], splits["validation"]
         columns = dict(entry.columns)
+        label_column = entry.label_column
         natural_id = natural_id_column or entry.natural_id_column
         description = entry.description
     else:
@@ -249,7 +273,7 @@ def load_task_dataset(
 
     spec = TaskSpec(
         task_type=task_type,
-        num_labels=2 if task_type == "seq_cls" else None,  # placeholder until the labels are known
+        num_labels=2 if task_type in CLASSIFICATION_TASK_TYPES else None,  # placeholder until the labels are known
         label_column=label_column,
         **columns,
     )
@@ -261,7 +285,7 @@ def load_task_dataset(
         )
 
     num_labels = num_choices = label_names = None
-    if task_type == "seq_cls":
+    if task_type in CLASSIFICATION_TASK_TYPES:
         feature = train.features[label_column]
         if isinstance(feature, datasets.ClassLabel):
             label_names = list(feature.names)

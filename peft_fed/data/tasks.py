@@ -1,4 +1,4 @@
-"""Task definitions: preprocessing, collation, loss and accuracy for the four task types of peft-fed.
+"""Task definitions: preprocessing, collation, loss and accuracy for the five task types of peft-fed.
 
 * `seq_cls`: sequence classification (`AutoModelForSequenceClassification`), loss from the model.
 * `mc_encoder`: multiple choice with an encoder head (`AutoModelForMultipleChoice`, e.g. RoBERTa on HellaSwag);
@@ -8,6 +8,9 @@
   scores and the prediction their argmax (`multiple_choice_scores`).
 * `causal_lm`: instruction tuning (`AutoModelForCausalLM`); the loss covers the response tokens only (prompt
   tokens get the label -100).
+* `image_cls`: image classification (`AutoModelForImageClassification`, e.g. a ViT with LoRA on its attention);
+  the "tokenizer" is the model's image processor, applied on the fly (`Dataset.with_transform`) because
+  resized pixel tensors of a whole dataset would not fit in memory; loss from the model.
 
 A `TaskSpec` bundles everything a training loop needs. With a `transformers.Trainer` subclass::
 
@@ -43,17 +46,19 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-TASK_TYPES: tuple[str, ...] = ("seq_cls", "mc_encoder", "mc_causal", "causal_lm")
+TASK_TYPES: tuple[str, ...] = ("seq_cls", "mc_encoder", "mc_causal", "causal_lm", "image_cls")
+CLASSIFICATION_TASK_TYPES: tuple[str, ...] = ("seq_cls", "image_cls")
 IGNORE_INDEX = -100
 DEFAULT_PROMPT_TEMPLATE = "### Instruction:\n{instruction}\n\n### Response:\n"
 
-# PEFT task type per task (`peft.TaskType` value); PEFT has none for multiple choice, so `mc_encoder` uses the
-# generic `PeftModel` (task_type=None) and relies on `modules_to_save` for its classification head.
+# PEFT task type per task (`peft.TaskType` value); PEFT has none for multiple choice or images, so `mc_encoder` and
+# `image_cls` use the generic `PeftModel` (task_type=None) and rely on `modules_to_save` for their head.
 PEFT_TASK_TYPES: dict[str, str | None] = {
     "seq_cls": "SEQ_CLS",
     "mc_encoder": None,
     "mc_causal": "CAUSAL_LM",
     "causal_lm": "CAUSAL_LM",
+    "image_cls": None,
 }
 
 
@@ -63,7 +68,7 @@ class TaskSpec:
 
     Args:
         task_type (`str`): one of `TASK_TYPES`.
-        num_labels (`int`, *optional*): number of classes (`seq_cls`; defaults to `len(label_names)`).
+        num_labels (`int`, *optional*): number of classes (`seq_cls`, `image_cls`; defaults to `len(label_names)`).
         num_choices (`int`, defaults to 4): endings per item (`mc_encoder`, `mc_causal`).
         max_length (`int`, defaults to 128): token budget per sequence (per choice for multiple choice).
             `seq_cls`/`mc_encoder` truncate with the tokenizer (longest first for pairs); `mc_causal` keeps the
@@ -75,6 +80,7 @@ class TaskSpec:
         context_column / endings_column (`str`): context and list of endings for multiple choice
             (HellaSwag: `ctx`, `endings`).
         instruction_column / response_column (`str`): prompt and target for `causal_lm`.
+        image_column (`str`): the image (PIL image or `datasets.Image`) for `image_cls` (CIFAR-100: `img`).
         label_names (`list[str]`, *optional*): class names; string labels are mapped through it.
         use_chat_template (`bool`, *optional*): `causal_lm` prompt format: the tokenizer's chat template (`True`),
             `prompt_template` (`False`), or the chat template when the tokenizer has one (`None`).
@@ -94,6 +100,7 @@ class TaskSpec:
     endings_column: str = "endings"
     instruction_column: str = "instruction"
     response_column: str = "response"
+    image_column: str = "image"
     label_names: list[str] | None = field(default=None)
     use_chat_template: bool | None = None
     prompt_template: str = DEFAULT_PROMPT_TEMPLATE
@@ -110,8 +117,8 @@ class TaskSpec:
                 raise ValueError(
                     f"num_labels={self.num_labels} but {len(self.label_names)} label_names given."
                 )
-        if self.task_type == "seq_cls" and (self.num_labels is None or self.num_labels < 2):
-            raise ValueError(f"seq_cls needs num_labels >= 2 (or label_names), got {self.num_labels}.")
+        if self.task_type in CLASSIFICATION_TASK_TYPES and (self.num_labels is None or self.num_labels < 2):
+            raise ValueError(f"{self.task_type} needs num_labels >= 2 (or label_names), got {self.num_labels}.")
         if self.num_choices < 2:
             raise ValueError(f"num_choices must be at least 2, got {self.num_choices}.")
         if self.max_length < 8:
@@ -154,6 +161,8 @@ class TaskSpec:
             return cols + [self.label_column]
         if self.is_multiple_choice:
             return [self.context_column, self.endings_column, self.label_column]
+        if self.task_type == "image_cls":
+            return [self.image_column, self.label_column]
         return [self.instruction_column, self.response_column]
 
     @property
@@ -161,6 +170,8 @@ class TaskSpec:
         """Keys of the batches produced by `collator` (besides `token_type_ids` for tokenizers that emit them)."""
         if self.task_type == "mc_causal":
             return ["input_ids", "attention_mask", "ending_mask", "labels"]
+        if self.task_type == "image_cls":
+            return ["pixel_values", "labels"]
         return ["input_ids", "attention_mask", "labels"]
 
     def check_dataset(self, dataset: datasets.Dataset, name: str | None = None) -> None:
@@ -187,7 +198,7 @@ class TaskSpec:
                     "an integer."
                 )
         value = int(value)
-        upper = self.num_labels if self.task_type == "seq_cls" else self.num_choices
+        upper = self.num_labels if self.task_type in CLASSIFICATION_TASK_TYPES else self.num_choices
         if not 0 <= value < upper:
             raise ValueError(f"Label {value} out of range [0, {upper}) for task '{self.task_type}'.")
         return value
@@ -200,6 +211,8 @@ class TaskSpec:
             return lambda batch: self._preprocess_mc_encoder(batch, tokenizer)
         if self.task_type == "mc_causal":
             return lambda batch: self._preprocess_mc_causal(batch, tokenizer)
+        if self.task_type == "image_cls":
+            return lambda batch: self._preprocess_image_cls(batch, tokenizer)
         return lambda batch: self._preprocess_causal_lm(batch, tokenizer)
 
     def preprocess(
@@ -211,8 +224,15 @@ class TaskSpec:
         num_proc: int | None = None,
         name: str | None = None,
     ) -> datasets.Dataset:
-        """Tokenize `dataset` for this task; raw columns are dropped except `keep_columns`."""
+        """Tokenize `dataset` for this task; raw columns are dropped except `keep_columns`.
+
+        For `image_cls` `tokenizer` is the image processor and nothing is computed here: the returned dataset
+        converts rows to `pixel_values` when they are read (`with_transform`), keeping only the compressed images
+        in memory; `keep_columns` and `num_proc` do not apply.
+        """
         self.check_dataset(dataset, name)
+        if self.task_type == "image_cls":
+            return dataset.with_transform(self.make_preprocess_fn(tokenizer))
         remove = [c for c in dataset.column_names if c not in keep_columns]
         return dataset.map(
             self.make_preprocess_fn(tokenizer),
@@ -228,6 +248,11 @@ class TaskSpec:
         out = {k: list(v) for k, v in encoded.items()}
         out["labels"] = [self._label_id(v) for v in batch[self.label_column]]
         return out
+
+    def _preprocess_image_cls(self, batch: dict[str, list], image_processor) -> dict[str, Any]:
+        images = [image.convert("RGB") if hasattr(image, "convert") else image for image in batch[self.image_column]]
+        pixel_values = image_processor(images, return_tensors="pt")["pixel_values"]
+        return {"pixel_values": pixel_values, "labels": [self._label_id(v) for v in batch[self.label_column]]}
 
     def _endings(self, batch: dict[str, list]) -> list[list[str]]:
         endings = [list(e) for e in batch[self.endings_column]]
@@ -331,7 +356,10 @@ class TaskSpec:
         return {"input_ids": input_ids, "labels": labels}
 
     def collator(self, tokenizer) -> TaskCollator:
-        """Batch collator padding to the longest sequence of the batch (left padding for `mc_causal`)."""
+        """Batch collator padding to the longest sequence of the batch (left padding for `mc_causal`; `image_cls`
+        stacks `pixel_values`, `tokenizer` may then be the image processor)."""
+        if self.task_type == "image_cls":
+            return TaskCollator(task_type=self.task_type, pad_token_id=0)
         pad_id = tokenizer.pad_token_id
         if pad_id is None:
             pad_id = tokenizer.eos_token_id
@@ -354,7 +382,7 @@ class TaskSpec:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Task loss and logits for a collated batch.
 
-        Returns `(loss, logits)`: `logits` is `(batch, num_labels)` for `seq_cls`, `(batch, num_choices)` for
+        Returns `(loss, logits)`: `logits` is `(batch, num_labels)` for `seq_cls` and `image_cls`, `(batch, num_choices)` for
         multiple choice (for `mc_causal` the length-normalised ending log-likelihoods), and `(batch, length,
         vocab)` for `causal_lm`. `loss` is None when the batch has no `labels`.
         """
@@ -506,6 +534,11 @@ class TaskCollator:
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         if not features:
             raise ValueError("Cannot collate an empty batch.")
+        if self.task_type == "image_cls":
+            batch = {"pixel_values": torch.stack([torch.as_tensor(f["pixel_values"]) for f in features])}
+            if "labels" in features[0]:
+                batch["labels"] = torch.tensor([int(f["labels"]) for f in features], dtype=torch.long)
+            return batch
         multiple_choice = self.task_type in ("mc_encoder", "mc_causal")
         batch_size = len(features)
         num_choices = len(features[0]["input_ids"]) if multiple_choice else 1

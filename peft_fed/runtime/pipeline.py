@@ -21,6 +21,12 @@ import yaml
 logger = logging.getLogger(__name__)
 
 DEFAULT_EXPORT_MAX_ERROR = 0.01
+# FederatedTrainingArguments fields that FederatedRunConfig fills from its own keys (not via training_kwargs).
+_TRAINING_ARGUMENTS_SET_BY_RUN_CONFIG = frozenset(
+    {"output_dir", "method", "num_rounds", "clients_per_round", "local_steps", "local_epochs", "learning_rate",
+     "round_lr_scheduler", "per_device_train_batch_size", "gradient_accumulation_steps", "seed", "eval_every",
+     "save_every", "resume", "method_kwargs", "bf16", "use_cpu", "deepspeed", "report_to", "remove_unused_columns"}
+)  # fmt: skip
 
 
 @dataclass
@@ -29,12 +35,17 @@ class FederatedRunConfig:
 
     model: str = field(default="all-MiniLM-L6-v2", metadata={"help": "Model alias, Hub id, local folder or GGUF."})
     dataset: str = field(default="wordnet_mc", metadata={"help": "Registered dataset name or local data file."})
-    task_type: str | None = field(default=None, metadata={"help": "seq_cls, mc_encoder, mc_causal or causal_lm."})
+    task_type: str | None = field(
+        default=None, metadata={"help": "seq_cls, mc_encoder, mc_causal, causal_lm or image_cls."}
+    )
     method: str = field(default="fedsmoothlora", metadata={"help": "Federated method."})
     num_clients: int = 10
     clients_per_round: int | None = 3
     num_rounds: int = 10
-    local_steps: int = 8
+    local_steps: int | None = field(default=8, metadata={"help": "Optimizer steps per client per round."})
+    local_epochs: float | None = field(
+        default=None, metadata={"help": "Passes over its data per client per round; when set, replaces local_steps."}
+    )
     partition: str = field(default="dirichlet", metadata={"help": "iid, dirichlet, pathological, shard, natural_id, size."})
     partition_column: str | None = field(
         default=None,
@@ -74,6 +85,20 @@ class FederatedRunConfig:
     deepspeed: str | None = None
     report_to: str = "none"
     dataset_kwargs: dict[str, Any] = field(default_factory=dict)
+    training_kwargs: dict[str, Any] = field(
+        default_factory=dict,
+        metadata={"help": "Further FederatedTrainingArguments / TrainingArguments settings, e.g. "
+                  '{"optim": "sgd", "optim_args": "momentum=0.9", "round_lr_min_ratio": 0.0}.'},
+    )  # fmt: skip
+
+    def __post_init__(self) -> None:
+        if self.local_epochs is not None:
+            self.local_steps = None
+        elif self.local_steps is None:
+            raise ValueError("give local_steps or local_epochs")
+        owned = sorted(set(self.training_kwargs) & _TRAINING_ARGUMENTS_SET_BY_RUN_CONFIG)
+        if owned:
+            raise ValueError(f"training_kwargs {owned} are run settings: set them as top-level keys instead")
 
     @classmethod
     def from_yaml(cls, path: str | Path, **overrides: Any) -> FederatedRunConfig:
@@ -202,10 +227,10 @@ def run_federated(config: FederatedRunConfig) -> RunResult:
         num_rounds=config.num_rounds,
         clients_per_round=config.clients_per_round,
         local_steps=config.local_steps,
+        local_epochs=config.local_epochs,
         learning_rate=config.learning_rate,
         round_lr_scheduler=config.round_lr_scheduler,
         per_device_train_batch_size=config.batch_size,
-        per_device_eval_batch_size=max(config.batch_size, 32),
         gradient_accumulation_steps=config.gradient_accumulation_steps,
         seed=config.seed,
         eval_every=config.eval_every,
@@ -218,10 +243,14 @@ def run_federated(config: FederatedRunConfig) -> RunResult:
         report_to=config.report_to,
         # passed only when asked for: transformers 5 warns on the (still working) old name
         **({"gradient_checkpointing": True} if config.gradient_checkpointing else {}),
-        lr_scheduler_type="constant",
         remove_unused_columns=False,
-        dataloader_num_workers=0,
-        dataloader_pin_memory=torch.cuda.is_available(),
+        **{
+            "lr_scheduler_type": "constant",
+            "per_device_eval_batch_size": max(config.batch_size, 32),
+            "dataloader_num_workers": 0,
+            "dataloader_pin_memory": torch.cuda.is_available(),
+            **config.training_kwargs,
+        },
     )
     trainer = FederatedTrainer(
         model=peft_model,
@@ -263,6 +292,7 @@ def _export_final(trainer, config: FederatedRunConfig, history, final_dir: Path,
         extra={
             "partition": partition,
             "local_steps": config.local_steps,
+            "local_epochs": config.local_epochs,
             "final_eval_accuracy": history[-1].get("eval_accuracy"),
         },
     )

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 from transformers import (
     BertConfig,
     BertForMultipleChoice,
@@ -15,40 +15,15 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tiny_models import make_byte_tokenizer  # noqa: E402
+
 HELLASWAG_FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "hellaswag_tiny.jsonl"
 
 
 @pytest.fixture(scope="session")
 def hellaswag_path() -> Path:
     return HELLASWAG_FIXTURE
-
-
-def make_byte_tokenizer(encoder: bool) -> PreTrainedTokenizerFast:
-    """A byte-level BPE tokenizer without merges: every byte is a token, nothing to train or download.
-
-    `encoder=True` adds BERT-style `[CLS] a [SEP] b [SEP]` templates with token type ids; `encoder=False` behaves
-    like a GPT/Llama tokenizer (no special tokens added, `" word"` keeps its leading space byte).
-    """
-    specials = ["<pad>", "<s>", "</s>", "[CLS]", "[SEP]"]
-    vocab = {token: i for i, token in enumerate(specials + sorted(pre_tokenizers.ByteLevel.alphabet()))}
-    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    kwargs = {}
-    if encoder:
-        backend.post_processor = processors.TemplateProcessing(
-            single="[CLS] $A [SEP]",
-            pair="[CLS] $A [SEP] $B:1 [SEP]:1",
-            special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])],
-        )
-        kwargs = {
-            "cls_token": "[CLS]",
-            "sep_token": "[SEP]",
-            "model_input_names": ["input_ids", "token_type_ids", "attention_mask"],
-        }
-    return PreTrainedTokenizerFast(
-        tokenizer_object=backend, pad_token="<pad>", bos_token="<s>", eos_token="</s>", **kwargs
-    )
 
 
 @pytest.fixture(scope="session")

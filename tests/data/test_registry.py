@@ -19,6 +19,8 @@ def test_available_datasets():
         "wordnet_mc": ("mc_encoder", "mc_causal"),
         "wordnet_define": ("causal_lm",),
         "hellaswag": ("mc_encoder", "mc_causal"),
+        "cifar100": ("image_cls",),
+        "metamathqa": ("causal_lm",),
     }
 
 
@@ -125,3 +127,32 @@ class TestLocalFiles:
             load_task_dataset(tmp_path / "nope.jsonl", "seq_cls")
         with pytest.raises(ValueError, match="Unknown task_type"):
             load_task_dataset(tmp_path, "regression")
+
+
+def test_cifar100_and_metamathqa_load_from_a_local_copy_of_their_hub_schema(tmp_path):
+    from PIL import Image
+
+    features = datasets.Features({
+        "img": datasets.Image(),
+        "fine_label": datasets.ClassLabel(names=[f"f{i}" for i in range(100)]),
+        "coarse_label": datasets.ClassLabel(names=[f"c{i}" for i in range(20)]),
+    })  # fmt: skip
+    image = Image.new("RGB", (8, 8))
+    (tmp_path / "cifar").mkdir()
+    for split in ("train", "test"):
+        data = {"img": [image] * 4, "fine_label": [0, 7, 99, 7], "coarse_label": [0, 1, 19, 1]}
+        datasets.Dataset.from_dict(data, features=features).to_parquet(str(tmp_path / "cifar" / f"{split}.parquet"))
+    train, evaluation, info = load_task_dataset("cifar100", path=str(tmp_path / "cifar"))
+    assert info.task_type == "image_cls" and info.num_labels == 100 and info.label_column == "fine_label"
+    spec = info.task_spec()
+    assert spec.image_column == "img" and spec.label_column == "fine_label" and len(evaluation) == 4
+
+    rows = [{"query": f"q{i}", "response": f"r{i}", "type": "GSM_SV"} for i in range(50)]
+    datasets.Dataset.from_list(rows).to_json(str(tmp_path / "math.jsonl"))
+    train, evaluation, info = load_task_dataset("metamathqa", path=str(tmp_path / "math.jsonl"), eval_fraction=0.1)
+    assert info.task_type == "causal_lm" and (len(train), len(evaluation)) == (45, 5)
+    spec = info.task_spec()
+    assert (spec.instruction_column, spec.response_column) == ("query", "response")
+    with pytest.raises(ValueError, match=r"lacks column\(s\) \['response'\]"):
+        datasets.Dataset.from_list([{"query": "q", "type": "x"}] * 4).to_json(str(tmp_path / "bad.jsonl"))
+        load_task_dataset("metamathqa", path=str(tmp_path / "bad.jsonl"))

@@ -318,3 +318,36 @@ def test_transformers_trainer_integration(task_type, tmp_path, mc_raw, decoder_t
     assert 0.0 <= metrics["eval_accuracy"] <= 1.0 and np.isfinite(metrics["eval_loss"])
     reference = spec.evaluate(peft_model, data, decoder_tokenizer, batch_size=2)
     assert metrics["eval_accuracy"] == pytest.approx(reference["accuracy"])
+
+
+def _image_dataset(n: int = 6) -> datasets.Dataset:
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 255, (20, 24, 3), dtype=np.uint8)) for _ in range(n)]
+    features = datasets.Features({"img": datasets.Image(), "label": datasets.ClassLabel(names=["a", "b", "c"])})
+    return datasets.Dataset.from_dict({"img": images, "label": [i % 3 for i in range(n)]}, features=features)
+
+
+def test_image_cls_needs_classes_and_an_image_column():
+    with pytest.raises(ValueError, match="image_cls needs num_labels >= 2"):
+        TaskSpec("image_cls")
+    spec = TaskSpec("image_cls", num_labels=3)
+    with pytest.raises(ValueError, match=r"missing column\(s\) \['image'\]"):
+        spec.check_dataset(_image_dataset())
+
+
+def test_image_cls_resizes_on_the_fly_and_stacks_batches():
+    from transformers import ViTImageProcessor
+
+    processor = ViTImageProcessor(size={"height": 16, "width": 16})
+    spec = TaskSpec("image_cls", num_labels=3, image_column="img")
+    data = spec.preprocess(_image_dataset(), processor)
+    assert data.column_names == ["img", "label"]  # images stay compressed; pixels are made when rows are read
+    row = data[4]
+    assert set(row) == {"pixel_values", "labels"} and tuple(row["pixel_values"].shape) == (3, 16, 16)
+    assert row["labels"] == 1
+    batch = spec.collator(processor)([data[i] for i in range(4)])
+    assert batch["pixel_values"].shape == (4, 3, 16, 16) and batch["labels"].tolist() == [0, 1, 2, 0]
+    expected = processor(_image_dataset()[4]["img"], return_tensors="pt")["pixel_values"][0]
+    assert torch.equal(batch["pixel_values"][0], data[0]["pixel_values"]) and torch.allclose(row["pixel_values"], expected)
