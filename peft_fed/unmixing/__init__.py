@@ -9,7 +9,9 @@ pseudo ground truth).
 
 Everything here is plain numpy / scipy / scikit-learn / torch; the networks use ``nn.Linear`` layers with
 stable names so PEFT's LoRA can adapt them, and :func:`train_stage` trains any such (wrapped) model on a
-given set of pixels for a given number of steps.
+given set of pixels for a given number of steps. :mod:`.federated` adapts a trained GAUSS model to another
+scene with LoRA: federated over clients holding tiles of it (any method of ``peft_fed.strategies``),
+local-only, or centralised.
 """
 
 from .autoencoder import AutoencoderConfig, LinearUnmixingAutoencoder, fit_autoencoder
@@ -18,6 +20,17 @@ from .config import GaussConfig, GaussTrainingConfig
 from .data import HyperspectralScene, load_array, load_cube, load_scene, load_scene_folder
 from .extraction import estimate_snr_db, nfindr, vca
 from .fclsu import fclsu, project_to_simplex
+from .federated import (
+    DEFAULT_RANK_PATTERN,
+    DEFAULT_TARGET_MODULES,
+    AdaptationResult,
+    FederatedUnmixingConfig,
+    adapt_gauss_model,
+    evaluate_gauss_model,
+    run_centralised,
+    run_federated_unmixing,
+    run_local_only,
+)
 from .metrics import (
     UnmixingMetrics,
     abundance_rmse,
@@ -42,10 +55,14 @@ from .train import (
 )
 
 __all__ = [
+    "DEFAULT_RANK_PATTERN",
+    "DEFAULT_TARGET_MODULES",
     "GAUSS_VARIANTS",
     "METHODS",
+    "AdaptationResult",
     "ApproximationNetwork",
     "AutoencoderConfig",
+    "FederatedUnmixingConfig",
     "GaussConfig",
     "GaussModel",
     "GaussResult",
@@ -59,7 +76,9 @@ __all__ = [
     "UnmixingNetwork",
     "UnmixingResult",
     "abundance_rmse",
+    "adapt_gauss_model",
     "estimate_snr_db",
+    "evaluate_gauss_model",
     "evaluate_unmixing",
     "fclsu",
     "fit_autoencoder",
@@ -80,6 +99,9 @@ __all__ = [
     "project_to_simplex",
     "pseudo_ground_truth",
     "reconstruction_rmse",
+    "run_centralised",
+    "run_federated_unmixing",
+    "run_local_only",
     "run_method",
     "save_result",
     "spectral_angle",
