@@ -1,0 +1,363 @@
+"""Quality benchmark: every federated method x seeds x Dirichlet alphas on one real model and task.
+
+Runs the grid with one shared setting (no per-method tuning), resumably, then writes
+``OUTPUT/summary.json``, ``OUTPUT/summary.md`` and one figure per claim of the papers:
+
+* ``fedsmoothlora_claims.png``: FedSmoothLoRA's accuracy curve, rounds to target and inter-round loss jump
+  against FedIT's and FRLoRA's;
+* ``subspace_reg_overlap.png``: basis overlap of every method, Subspace-Reg against its own
+  ``mu = beta = lam = 0`` ablation (the orthonormal-B factorisation alone) and the baselines;
+* ``accuracy_curves_alpha*.png``: mean eval accuracy per round of every method.
+
+Encoder grid of issue 4 (all-MiniLM-L6-v2, WordNet multiple choice)::
+
+    python benchmarks/federated_grid.py --output_dir benchmarks/results/encoder_wordnet_mc
+
+Causal LM (SmolLM2-135M scoring endings by length-normalised log-likelihood)::
+
+    python benchmarks/federated_grid.py --preset smollm2 --output_dir benchmarks/results/causal_wordnet_mc
+
+Runs (metrics, final adapters) go to ``--runs_dir`` (default ``runs/benchmarks/PRESET``, not committed).
+Split a grid over processes with ``--shard 0/2`` and ``--shard 1/2`` (same output folder); finished runs
+(a ``metrics.jsonl`` with every round) are skipped, so an interrupted grid resumes where it stopped.
+``--summarize_only`` re-reads the runs and rewrites the summary and figures.
+
+Rounds to target: the first evaluated round at which a run's accuracy reaches 95 % of the best final
+accuracy of any method (mean over seeds) in the same alpha; runs that never reach it count as "not reached".
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+# name -> (method, method_kwargs): every method of the library, plus Subspace-Reg's regulariser ablation.
+VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
+    "fedit": ("fedit", {}),
+    "ffa_lora": ("ffa_lora", {}),
+    "fedsa_lora": ("fedsa_lora", {}),
+    "flora": ("flora", {}),
+    "fedex_lora": ("fedex_lora", {}),
+    "flexlora": ("flexlora", {}),
+    "fedsvd": ("fedsvd", {}),
+    "frlora": ("frlora", {}),
+    "fedsmoothlora": ("fedsmoothlora", {}),
+    "subspace_reg": ("subspace_reg", {}),
+    "subspace_reg_no_reg": ("subspace_reg", {"mu": 0.0, "beta": 0.0, "lam": 0.0}),
+}
+
+# One shared setting per model (no per-method tuning). local_steps=4 with batch 8 is the published
+# Subspace-Reg budget (about 4 optimizer steps of 8 examples per client per round).
+PRESETS: dict[str, dict[str, Any]] = {
+    "minilm": dict(
+        model="all-MiniLM-L6-v2", dataset="wordnet_mc", task_type="mc_encoder", num_clients=10,
+        clients_per_round=3, num_rounds=20, local_steps=4, batch_size=8, r=8, lora_alpha=16,
+        lora_dropout=0.05, learning_rate=1e-3, max_length=48, max_eval_samples=200, eval_every=1,
+    ),
+    "smollm2": dict(
+        model="SmolLM2-135M-Instruct", dataset="wordnet_mc", task_type="mc_causal", num_clients=10,
+        clients_per_round=3, num_rounds=20, local_steps=4, batch_size=4, gradient_accumulation_steps=2,
+        r=8, lora_alpha=16, lora_dropout=0.05, learning_rate=5e-4, max_length=64, max_eval_samples=120,
+        eval_every=1,
+    ),
+}  # fmt: skip
+CAUSAL_VARIANTS = ["fedit", "flexlora", "fedsvd", "subspace_reg", "frlora", "fedsmoothlora"]
+# Subspace-Reg's published clipping thresholds per model family.
+CLIP_NORM = {"minilm": 15.0, "smollm2": 25.0}
+
+
+def run_dir(root: Path, alpha: float, variant: str, seed: int) -> Path:
+    return root / f"alpha-{alpha:g}" / variant / f"seed-{seed}"
+
+
+def _complete(path: Path, num_rounds: int) -> bool:
+    metrics = path / "metrics.jsonl"
+    if not metrics.exists():
+        return False
+    return sum(1 for line in metrics.read_text().splitlines() if line.strip()) >= num_rounds
+
+
+def run_grid(args: argparse.Namespace, settings: dict[str, Any]) -> None:
+    from peft_fed.runtime.pipeline import FederatedRunConfig, run_federated
+
+    root = Path(args.runs_dir)
+    # seeds outermost: a grid stopped early still has every method at the first seeds
+    jobs = [(a, v, s) for a in args.alphas for s in args.seeds for v in args.variants]
+    index, count = args.shard
+    for position, (alpha, variant, seed) in enumerate(jobs):
+        if position % count != index:
+            continue
+        out = run_dir(root, alpha, variant, seed)
+        if _complete(out, settings["num_rounds"]):
+            continue
+        method, kwargs = VARIANTS[variant]
+        kwargs = dict(kwargs)
+        if method == "subspace_reg":
+            kwargs.setdefault("clip_norm", CLIP_NORM[args.preset])
+        config = FederatedRunConfig(
+            **settings,
+            method=method,
+            method_kwargs=kwargs,
+            partition="dirichlet",
+            dirichlet_alpha=alpha,
+            seed=seed,
+            output_dir=str(out),
+            export_rank=settings["r"],
+        )
+        started = time.perf_counter()
+        print(f"[{position + 1}/{len(jobs)}] alpha={alpha:g} {variant} seed={seed}", flush=True)
+        run_federated(config)
+        print(f"    done in {time.perf_counter() - started:.0f} s", flush=True)
+
+
+def _mean_sd(values: list[float | None]) -> dict[str, float | None]:
+    values = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
+    if not values:
+        return {"mean": None, "sd": None, "n": 0}
+    return {
+        "mean": statistics.mean(values),
+        "sd": statistics.stdev(values) if len(values) > 1 else 0.0,
+        "n": len(values),
+    }
+
+
+def _rounds_to(curve: list[tuple[int, float]], target: float) -> int | None:
+    return next((round_number for round_number, acc in curve if acc >= target), None)
+
+
+def summarize(args: argparse.Namespace, settings: dict[str, Any]) -> dict[str, Any]:
+    from peft_fed.cli import summarize_run
+    from peft_fed.plotting import read_metrics
+
+    root = Path(args.runs_dir)
+    summary: dict[str, Any] = {"settings": settings, "preset": args.preset, "alphas": {}}
+    for alpha in args.alphas:
+        per_variant: dict[str, dict[str, Any]] = {}
+        for variant in args.variants:
+            runs = []
+            for seed in args.seeds:
+                path = run_dir(root, alpha, variant, seed)
+                if not _complete(path, settings["num_rounds"]):
+                    continue
+                history = read_metrics(path)
+                run = summarize_run(history)
+                run["seed"] = seed
+                run["curve"] = [
+                    (r["round"], r["eval_accuracy"]) for r in history if r.get("eval_accuracy") is not None
+                ]
+                run["abs_jump_curve"] = [r.get("inter_round_loss_jump_abs") for r in history]
+                runs.append(run)
+            if runs:
+                per_variant[variant] = {"runs": runs}
+        if not per_variant:
+            continue
+        target = 0.95 * max(
+            statistics.mean(r["final_accuracy"] for r in v["runs"]) for v in per_variant.values()
+        )
+        for entry in per_variant.values():
+            runs = entry["runs"]
+            for run in runs:
+                run["rounds_to_target"] = _rounds_to(run["curve"], target)
+            reached = [r["rounds_to_target"] for r in runs if r["rounds_to_target"] is not None]
+            entry.update(
+                seeds=[r["seed"] for r in runs],
+                best_accuracy=_mean_sd([r["best_accuracy"] for r in runs]),
+                final_accuracy=_mean_sd([r["final_accuracy"] for r in runs]),
+                final_eval_loss=_mean_sd([r["final_eval_loss"] for r in runs]),
+                basis_overlap=_mean_sd([r["basis_overlap"] for r in runs]),
+                mean_loss_jump=_mean_sd([r["mean_loss_jump"] for r in runs]),
+                mean_abs_loss_jump=_mean_sd([r["mean_abs_loss_jump"] for r in runs]),
+                rounds_to_target=_mean_sd(reached),
+                reached_target=f"{len(reached)}/{len(runs)}",
+                uplink_bytes_per_round=_mean_sd([r["uplink_bytes_per_round"] for r in runs]),
+                downlink_bytes_per_round=_mean_sd([r["downlink_bytes_per_round"] for r in runs]),
+                seconds_per_round=_mean_sd([r["seconds_per_round"] for r in runs]),
+            )
+        summary["alphas"][f"{alpha:g}"] = {"target_accuracy": target, "variants": per_variant}
+    return summary
+
+
+def _cell(stat: dict[str, Any], digits: int = 3, scale: float = 1.0) -> str:
+    if stat["mean"] is None:
+        return "-"
+    return f"{stat['mean'] * scale:.{digits}f} ± {stat['sd'] * scale:.{digits}f}"
+
+
+def markdown(summary: dict[str, Any]) -> str:
+    lines = []
+    for alpha, block in summary["alphas"].items():
+        lines += [
+            f"### Dirichlet alpha = {alpha} (target accuracy {block['target_accuracy']:.3f})",
+            "",
+            "| method | seeds | best acc | final acc | final eval loss | basis overlap | |loss jump| | "
+            "signed jump | rounds to target (reached) | up kB/round | down kB/round | s/round |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for variant, v in block["variants"].items():
+            lines.append(
+                f"| {variant} | {len(v['seeds'])} | {_cell(v['best_accuracy'])} | {_cell(v['final_accuracy'])} | "
+                f"{_cell(v['final_eval_loss'])} | {_cell(v['basis_overlap'], 4)} | "
+                f"{_cell(v['mean_abs_loss_jump'])} | {_cell(v['mean_loss_jump'])} | "
+                f"{_cell(v['rounds_to_target'], 1)} ({v['reached_target']}) | "
+                f"{_cell(v['uplink_bytes_per_round'], 1, 1e-3)} | {_cell(v['downlink_bytes_per_round'], 1, 1e-3)} | "
+                f"{_cell(v['seconds_per_round'], 1)} |"
+            )
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _mean_curve(runs: list[dict[str, Any]]) -> tuple[list[int], list[float]]:
+    by_round: dict[int, list[float]] = {}
+    for run in runs:
+        for round_number, acc in run["curve"]:
+            by_round.setdefault(round_number, []).append(acc)
+    rounds = sorted(by_round)
+    return rounds, [statistics.mean(by_round[r]) for r in rounds]
+
+
+def plot(summary: dict[str, Any], output_dir: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    for alpha, block in summary["alphas"].items():
+        variants = block["variants"]
+        fig, ax = plt.subplots(figsize=(8, 5))
+        for variant, v in variants.items():
+            rounds, accs = _mean_curve(v["runs"])
+            ax.plot(rounds, accs, marker="o", markersize=3, label=variant,
+                    linewidth=2.5 if variant in ("fedsmoothlora", "subspace_reg") else 1.2)  # fmt: skip
+        ax.axhline(block["target_accuracy"], color="grey", linestyle=":", label="target (95% of best final)")
+        ax.set(xlabel="round", ylabel=f"eval accuracy (mean of {len(next(iter(variants.values()))['seeds'])} seeds)",
+               title=f"{summary['settings']['model']} on {summary['settings']['dataset']}, Dirichlet {alpha}")  # fmt: skip
+        ax.legend(fontsize=7, ncol=2)
+        ax.grid(alpha=0.3)
+        path = output_dir / f"accuracy_curves_alpha{alpha}.png"
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        written.append(path)
+
+        claim = [v for v in ("fedsmoothlora", "fedit", "frlora") if v in variants]
+        if claim:
+            fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+            for variant in claim:
+                rounds, accs = _mean_curve(variants[variant]["runs"])
+                axes[0].plot(rounds, accs, marker="o", markersize=3, label=variant)
+            axes[0].axhline(block["target_accuracy"], color="grey", linestyle=":")
+            axes[0].set(xlabel="round", ylabel="eval accuracy (seed mean)", title="accuracy")
+            axes[0].legend()
+            for ax, key, title in (
+                (axes[1], "rounds_to_target", "rounds to target (lower is faster)"),
+                (axes[2], "mean_abs_loss_jump", "mean |inter-round loss jump| (lower is smoother)"),
+            ):
+                # a method that never reached the target gets a pale bar at the last round, labelled 0/N
+                never = [variants[v][key]["mean"] is None for v in claim]
+                ceiling = summary["settings"]["num_rounds"]
+                means = [
+                    ceiling if n else variants[v][key]["mean"] for v, n in zip(claim, never, strict=True)
+                ]
+                sds = [0.0 if n else variants[v][key]["sd"] for v, n in zip(claim, never, strict=True)]
+                bars = ax.bar(
+                    claim,
+                    means,
+                    yerr=sds,
+                    capsize=4,
+                    color=["tab:blue", "tab:orange", "tab:green"][: len(claim)],
+                )
+                for i, v in enumerate(claim):
+                    if never[i]:
+                        bars[i].set_alpha(0.3)
+                        bars[i].set_hatch("//")
+                    if key == "rounds_to_target":
+                        label = f"reached {variants[v]['reached_target']}"
+                        ax.text(i, means[i], label, ha="center", va="bottom", fontsize=8)
+                ax.set_title(title)
+            fig.suptitle(f"FedSmoothLoRA claim, Dirichlet {alpha} (mean ± sd over seeds)")
+            fig.tight_layout()
+            path = output_dir / f"fedsmoothlora_claims_alpha{alpha}.png"
+            fig.savefig(path, dpi=120)
+            plt.close(fig)
+            written.append(path)
+
+        names = [v for v in variants if variants[v]["basis_overlap"]["mean"] is not None]
+        if names:
+            fig, ax = plt.subplots(figsize=(9, 4))
+            means = [variants[v]["basis_overlap"]["mean"] for v in names]
+            sds = [variants[v]["basis_overlap"]["sd"] for v in names]
+            colours = ["tab:red" if v.startswith("subspace_reg") else "tab:grey" for v in names]
+            ax.bar(names, means, yerr=sds, capsize=3, color=colours)
+            low = min(m - s for m, s in zip(means, sds, strict=True))
+            ax.set_ylim(max(0.0, low - 0.02), 1.0005)
+            for i, m in enumerate(means):
+                ax.text(i, m, f"{m:.4f}", ha="center", va="bottom", fontsize=7, rotation=90)
+            ax.set_ylabel("mean basis overlap ||Q_c^T Q_g||_F / sqrt(r)")
+            ax.set_title(f"Subspace-Reg claim: basis overlap, Dirichlet {alpha}")
+            plt.setp(ax.get_xticklabels(), rotation=30, ha="right")
+            fig.tight_layout()
+            path = output_dir / f"subspace_reg_overlap_alpha{alpha}.png"
+            fig.savefig(path, dpi=120)
+            plt.close(fig)
+            written.append(path)
+    return written
+
+
+def _shard(text: str) -> tuple[int, int]:
+    index, count = (int(x) for x in text.split("/"))
+    if not 0 <= index < count:
+        raise argparse.ArgumentTypeError(f"--shard wants I/N with 0 <= I < N, got {text}")
+    return index, count
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="minilm")
+    parser.add_argument("--output_dir", required=True, help="Where the summary and figures go.")
+    parser.add_argument("--runs_dir", help="Where the runs go (default: runs/benchmarks/PRESET).")
+    parser.add_argument("--variants", nargs="+", choices=sorted(VARIANTS), default=None,
+                        help="Default: every method (causal preset: the issue's six).")  # fmt: skip
+    parser.add_argument("--seeds", nargs="+", type=int, default=[42, 43, 44])
+    parser.add_argument("--alphas", nargs="+", type=float, default=[0.3, 0.1])
+    parser.add_argument("--num_rounds", type=int, help="Override the preset's rounds.")
+    parser.add_argument("--local_steps", type=int, help="Override the preset's local steps.")
+    parser.add_argument("--max_eval_samples", type=int, help="Override the preset's eval set size.")
+    parser.add_argument("--eval_every", type=int, help="Override the preset's evaluation interval.")
+    parser.add_argument(
+        "--shard", type=_shard, default=(0, 1), help="Run every N-th job starting at I (I/N)."
+    )
+    parser.add_argument("--summarize_only", action="store_true")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    if args.variants is None:
+        args.variants = CAUSAL_VARIANTS if args.preset == "smollm2" else list(VARIANTS)
+    args.runs_dir = args.runs_dir or f"runs/benchmarks/{args.preset}"
+    settings = dict(PRESETS[args.preset])
+    for key in ("num_rounds", "local_steps", "max_eval_samples", "eval_every"):
+        if getattr(args, key) is not None:
+            settings[key] = getattr(args, key)
+    output_dir = Path(args.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    if not args.summarize_only:
+        run_grid(args, settings)
+    summary = summarize(args, settings)
+    (output_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+    (output_dir / "summary.md").write_text(markdown(summary) + "\n")
+    for path in plot(summary, output_dir):
+        print(f"wrote {path}")
+    print(markdown(summary))
+
+
+if __name__ == "__main__":
+    main()
