@@ -22,6 +22,10 @@ Split a grid over processes with ``--shard 0/2`` and ``--shard 1/2`` (same outpu
 (a ``metrics.jsonl`` with every round) are skipped, so an interrupted grid resumes where it stopped.
 ``--summarize_only`` re-reads the runs and rewrites the summary and figures.
 
+Loss jump: for each client that trains again, its first-step loss minus its last-step loss of its previous
+round (one batch each); "local progress" is the mean first-step minus last-step loss within a round, and
+"abs. jump / progress" relates the two (a method whose clients barely learn also barely jumps).
+
 Rounds to target: the first evaluated round at which a run's accuracy reaches 95 % of the best final
 accuracy of any method (mean over seeds) in the same alpha; runs that never reach it count as "not reached".
 """
@@ -151,6 +155,20 @@ def summarize(args: argparse.Namespace, settings: dict[str, Any]) -> dict[str, A
                     (r["round"], r["eval_accuracy"]) for r in history if r.get("eval_accuracy") is not None
                 ]
                 run["abs_jump_curve"] = [r.get("inter_round_loss_jump_abs") for r in history]
+                # A method whose clients barely learn also barely jumps: relate the jump to the loss a client
+                # gains within its round (first-step minus last-step loss, one batch each).
+                progress = [
+                    r["client_loss_first"][c] - r["client_loss_last"][c]
+                    for r in history
+                    for c in r["client_loss_first"]
+                    if math.isfinite(r["client_loss_first"][c]) and math.isfinite(r["client_loss_last"][c])
+                ]
+                run["local_progress"] = statistics.mean(progress) if progress else None
+                run["relative_abs_jump"] = (
+                    run["mean_abs_loss_jump"] / run["local_progress"]
+                    if run["local_progress"] and run["mean_abs_loss_jump"] is not None
+                    else None
+                )
                 runs.append(run)
             if runs:
                 per_variant[variant] = {"runs": runs}
@@ -172,6 +190,8 @@ def summarize(args: argparse.Namespace, settings: dict[str, Any]) -> dict[str, A
                 basis_overlap=_mean_sd([r["basis_overlap"] for r in runs]),
                 mean_loss_jump=_mean_sd([r["mean_loss_jump"] for r in runs]),
                 mean_abs_loss_jump=_mean_sd([r["mean_abs_loss_jump"] for r in runs]),
+                local_progress=_mean_sd([r["local_progress"] for r in runs]),
+                relative_abs_jump=_mean_sd([r["relative_abs_jump"] for r in runs]),
                 rounds_to_target=_mean_sd(reached),
                 reached_target=f"{len(reached)}/{len(runs)}",
                 uplink_bytes_per_round=_mean_sd([r["uplink_bytes_per_round"] for r in runs]),
@@ -194,15 +214,17 @@ def markdown(summary: dict[str, Any]) -> str:
         lines += [
             f"### Dirichlet alpha = {alpha} (target accuracy {block['target_accuracy']:.3f})",
             "",
-            "| method | seeds | best acc | final acc | final eval loss | basis overlap | |loss jump| | "
-            "signed jump | rounds to target (reached) | up kB/round | down kB/round | s/round |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|",
+            "| method | seeds | best acc | final acc | final eval loss | basis overlap | abs. loss jump | "
+            "signed jump | local progress | abs. jump / progress | rounds to target (reached) | up kB/round | "
+            "down kB/round | s/round |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for variant, v in block["variants"].items():
             lines.append(
                 f"| {variant} | {len(v['seeds'])} | {_cell(v['best_accuracy'])} | {_cell(v['final_accuracy'])} | "
                 f"{_cell(v['final_eval_loss'])} | {_cell(v['basis_overlap'], 4)} | "
-                f"{_cell(v['mean_abs_loss_jump'])} | {_cell(v['mean_loss_jump'])} | "
+                f"{_cell(v['mean_abs_loss_jump'])} | {_cell(v['mean_loss_jump'])} | {_cell(v['local_progress'])} | "
+                f"{_cell(v['relative_abs_jump'], 2)} | "
                 f"{_cell(v['rounds_to_target'], 1)} ({v['reached_target']}) | "
                 f"{_cell(v['uplink_bytes_per_round'], 1, 1e-3)} | {_cell(v['downlink_bytes_per_round'], 1, 1e-3)} | "
                 f"{_cell(v['seconds_per_round'], 1)} |"
@@ -247,7 +269,7 @@ def plot(summary: dict[str, Any], output_dir: Path) -> list[Path]:
 
         claim = [v for v in ("fedsmoothlora", "fedit", "frlora") if v in variants]
         if claim:
-            fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+            fig, axes = plt.subplots(1, 4, figsize=(18, 4))
             for variant in claim:
                 rounds, accs = _mean_curve(variants[variant]["runs"])
                 axes[0].plot(rounds, accs, marker="o", markersize=3, label=variant)
@@ -257,6 +279,7 @@ def plot(summary: dict[str, Any], output_dir: Path) -> list[Path]:
             for ax, key, title in (
                 (axes[1], "rounds_to_target", "rounds to target (lower is faster)"),
                 (axes[2], "mean_abs_loss_jump", "mean |inter-round loss jump| (lower is smoother)"),
+                (axes[3], "relative_abs_jump", "|jump| / local progress per round"),
             ):
                 # a method that never reached the target gets a pale bar at the last round, labelled 0/N
                 never = [variants[v][key]["mean"] is None for v in claim]
