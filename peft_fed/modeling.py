@@ -228,13 +228,12 @@ def load_model_and_tokenizer(
         raise
     if resolved.gguf_file:
         _forget_gguf_quantization(model)
-    if task_type == "image_cls":
-        pass  # no token padding: the image processor resizes every image to the model's input size
-    elif model.config.pad_token_id is None:
-        model.config.pad_token_id = tokenizer.pad_token_id
-    generation_config = getattr(model, "generation_config", None)
-    if task_type != "image_cls" and generation_config is not None and generation_config.pad_token_id is None:
-        generation_config.pad_token_id = tokenizer.pad_token_id
+    if task_type != "image_cls":  # images are resized by the processor, never padded: no pad token
+        if model.config.pad_token_id is None:
+            model.config.pad_token_id = tokenizer.pad_token_id
+        generation_config = getattr(model, "generation_config", None)
+        if generation_config is not None and generation_config.pad_token_id is None:
+            generation_config.pad_token_id = tokenizer.pad_token_id
     head = set(default_modules_to_save(model, task_type) or [])
     fresh_outside_head = sorted(
         k

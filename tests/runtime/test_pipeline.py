@@ -44,3 +44,12 @@ def test_smollm2_scores_endings_end_to_end(tmp_path):
     adapter = json.loads((tmp_path / "run" / "final" / "adapter_config.json").read_text())
     assert adapter["base_model_name_or_path"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
     assert set(adapter["target_modules"]) == {"q_proj", "v_proj"}
+
+
+def test_run_config_local_epochs_replace_steps_and_training_kwargs_cannot_shadow_run_settings():
+    config = FederatedRunConfig(local_epochs=1.0, training_kwargs={"optim": "sgd", "optim_args": "momentum=0.9"})
+    assert config.local_steps is None and config.local_epochs == 1.0
+    with pytest.raises(ValueError, match="give local_steps or local_epochs"):
+        FederatedRunConfig(local_steps=None)
+    with pytest.raises(ValueError, match=r"training_kwargs \['learning_rate'\] are run settings"):
+        FederatedRunConfig(training_kwargs={"learning_rate": 0.1})
