@@ -1,6 +1,7 @@
 """Federated data for peft-fed: datasets, client partitioning and task definitions."""
 
 from .hellaswag import HELLASWAG_HUB_ID, clean_hellaswag_text, load_hellaswag, normalize_hellaswag
+from .hub import CIFAR100_HUB_ID, METAMATHQA_HUB_ID, load_cifar100, load_metamathqa
 from .partition import (
     PARTITION_SCHEMES,
     describe_partitions,
@@ -32,6 +33,8 @@ from .wordnet import (
 )
 
 __all__ = [
+    "CIFAR100_HUB_ID",
+    "METAMATHQA_HUB_ID",
     "DATASET_REGISTRY",
     "HELLASWAG_FEATURES",
     "HELLASWAG_HUB_ID",
@@ -53,7 +56,9 @@ __all__ = [
     "find_wordnet_dir",
     "group_natural_ids",
     "label_distribution",
+    "load_cifar100",
     "load_hellaswag",
+    "load_metamathqa",
     "load_task_dataset",
     "load_wordnet",
     "mean_label_entropy",
