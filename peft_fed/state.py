@@ -18,6 +18,7 @@ import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from .linalg import LowRank, tensor_nbytes
@@ -265,3 +266,10 @@ def sample_weights(num_samples: Iterable[int]) -> list[float]:
     if total <= 0:
         raise ValueError(f"aggregation weights need a positive total sample count, got {counts}")
     return [n / total for n in counts]
+
+
+def sample_round_clients(num_clients: int, per_round: int, seed: int, round_index: int) -> list[int]:
+    """The clients of round ``round_index`` (0-based): a draw without replacement seeded by ``(seed, round)``,
+    sorted, so every runtime that samples this way picks the same clients for the same seed."""
+    rng = np.random.default_rng([seed, round_index])
+    return sorted(rng.choice(num_clients, size=per_round, replace=False).tolist())

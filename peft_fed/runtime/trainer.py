@@ -41,7 +41,7 @@ from transformers.trainer_utils import IntervalStrategy, set_seed
 
 from .. import peft_bridge
 from ..diagnostics import round_diagnostics
-from ..state import ClientState
+from ..state import ClientState, sample_round_clients
 from ..strategies import Strategy, get_strategy
 from ..strategies.base import NoValidUploadsError
 from .arguments import FederatedTrainingArguments
@@ -338,9 +338,8 @@ class FederatedTrainer(Trainer):
 
     def sample_clients(self, round_index: int) -> list[str]:
         """The clients of round ``round_index``: a seeded draw without replacement, sorted."""
-        rng = np.random.default_rng([self.args.seed, round_index])
-        chosen = rng.choice(self.num_clients, size=self.clients_per_round, replace=False)
-        return [str(i) for i in sorted(chosen.tolist())]
+        chosen = sample_round_clients(self.num_clients, self.clients_per_round, self.args.seed, round_index)
+        return [str(i) for i in chosen]
 
     def _gradient_batches(self, dataset, seed: int) -> Callable[[], list[Mapping[str, torch.Tensor]]]:
         # In data-parallel mode every process computes the same estimate on the global batch (per-device batch

@@ -41,7 +41,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .. import peft_bridge
-from ..state import ClientState, ServerState
+from ..state import ClientState, ServerState, sample_round_clients
 from ..strategies import Strategy, canonical_method_name, get_strategy
 from ..tuners.registration import get_federated_config_class
 from .config import GaussTrainingConfig
@@ -376,11 +376,6 @@ def _gradient_batches(
     return batches
 
 
-def _sample_clients(num_clients: int, per_round: int, seed: int, round_index: int) -> list[int]:
-    rng = np.random.default_rng([seed, round_index])
-    return sorted(rng.choice(num_clients, size=per_round, replace=False).tolist())
-
-
 def _initial_factors(model: nn.Module, seed: int) -> dict:
     """The adapter every non-federated run starts from: FedIT's initial global factors (PEFT's default LoRA
     init, ``B = 0``, seeded), so that a one-client, one-round FedIT run and a local-only run coincide."""
@@ -449,7 +444,7 @@ def run_federated_unmixing(
     rounds = tqdm(range(config.num_rounds), desc=f"{strategy.name} rounds", disable=not config.show_progress)
     for round_index in rounds:
         round_tic = time.perf_counter()
-        selected = _sample_clients(len(clients), per_round, config.seed, round_index)
+        selected = sample_round_clients(len(clients), per_round, config.seed, round_index)
         uploads, results, losses, downlink = [], {}, [], 0
         for client in selected:
             cid = str(client)
