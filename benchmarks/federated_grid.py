@@ -210,10 +210,13 @@ def summarize(args: argparse.Namespace, settings: dict[str, Any]) -> dict[str, A
                 downlink_bytes_per_round=_mean_sd([r["downlink_bytes_per_round"] for r in runs]),
                 seconds_per_round=_mean_sd([r["seconds_per_round"] for r in runs]),
             )
-            # ratio of the seed means: one seed with almost no local progress would blow up a mean of ratios
+            # ratio of the seed means: one seed with almost no local progress would blow up a mean of ratios;
+            # clients that end their rounds no better than they began have no progress to relate the jump to
             jump, progress = entry["mean_abs_loss_jump"]["mean"], entry["local_progress"]["mean"]
             entry["relative_abs_jump"] = {
-                "mean": jump / progress if jump is not None and progress else None,
+                "mean": jump / progress
+                if jump is not None and progress is not None and progress > 0
+                else None,
                 "sd": 0.0,
                 "n": len(runs),
             }
@@ -310,11 +313,12 @@ def plot(summary: dict[str, Any], output_dir: Path) -> list[Path]:
                 (axes[2], "mean_abs_loss_jump", "mean |inter-round loss jump| (lower is smoother)"),
                 (axes[3], "relative_abs_jump", "|jump| / local progress per round"),
             ):
-                # a method that never reached the target gets a pale bar at the last round, labelled 0/N
+                # a method that never reached the target gets a pale bar at the last round, labelled 0/N; a
+                # missing jump ratio (no local progress) gets no bar, labelled n/a
                 never = [variants[v][key]["mean"] is None for v in claim]
-                ceiling = summary["settings"]["num_rounds"]
+                placeholder = summary["settings"]["num_rounds"] if key == "rounds_to_target" else 0.0
                 means = [
-                    ceiling if n else variants[v][key]["mean"] for v, n in zip(claim, never, strict=True)
+                    placeholder if n else variants[v][key]["mean"] for v, n in zip(claim, never, strict=True)
                 ]
                 sds = [0.0 if n else variants[v][key]["sd"] for v, n in zip(claim, never, strict=True)]
                 bars = ax.bar(
@@ -331,6 +335,8 @@ def plot(summary: dict[str, Any], output_dir: Path) -> list[Path]:
                     if key == "rounds_to_target":
                         label = f"reached {variants[v]['reached_target']}"
                         ax.text(i, means[i], label, ha="center", va="bottom", fontsize=8)
+                    elif never[i]:
+                        ax.text(i, 0.0, "n/a", ha="center", va="bottom", fontsize=8)
                 ax.set_title(title)
             fig.suptitle(f"FedSmoothLoRA claim, Dirichlet {alpha} (mean ± sd over seeds)")
             fig.tight_layout()

@@ -113,3 +113,16 @@ def test_summary_targets_are_per_seed(grid, tmp_path):
     assert fast["relative_abs_jump"]["mean"] == pytest.approx(0.2 / 0.2)
     assert slow["relative_abs_jump"]["mean"] == pytest.approx(0.1 / 0.1)
     assert "| fast |" in grid.markdown(summary)
+
+
+def test_jump_ratio_needs_local_progress(grid, tmp_path):
+    # clients end their rounds where they began: the jump has nothing to be relative to
+    _write_run(grid.run_dir(tmp_path, 0.3, "flora", 1), [0.3, 0.3], first=1.0, last=1.0)
+    summary = grid.summarize(
+        _args(grid, tmp_path, "--variants", "flora", "--seeds", "1", "--alphas", "0.3"),
+        dict(grid.PRESETS["minilm"], num_rounds=2),
+    )
+    entry = summary["alphas"]["0.3"]["variants"]["flora"]
+    assert entry["local_progress"]["mean"] == 0.0 and entry["mean_abs_loss_jump"]["mean"] == 0.0
+    assert entry["relative_abs_jump"]["mean"] is None
+    assert "| flora | 1 |" in grid.markdown(summary)
