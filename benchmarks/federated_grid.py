@@ -3,9 +3,9 @@
 Runs the grid with one shared setting (no per-method tuning), resumably, then writes
 ``OUTPUT/summary.json``, ``OUTPUT/summary.md`` and one figure per claim of the papers:
 
-* ``fedsmoothlora_claims.png``: FedSmoothLoRA's accuracy curve, rounds to target and inter-round loss jump
+* ``fedsmoothlora_claims_alpha*.png``: FedSmoothLoRA's accuracy curve, rounds to target and inter-round loss jump
   against FedIT's and FRLoRA's;
-* ``subspace_reg_overlap.png``: basis overlap of every method, Subspace-Reg against its own
+* ``subspace_reg_overlap_alpha*.png``: basis overlap of every method, Subspace-Reg against its own
   ``mu = beta = lam = 0`` ablation (the orthonormal-B factorisation alone) and the baselines;
 * ``accuracy_curves_alpha*.png``: mean eval accuracy per round of every method.
 
