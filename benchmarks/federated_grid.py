@@ -78,8 +78,8 @@ PRESETS: dict[str, dict[str, Any]] = {
 # in the same setting as the multiple-choice one.
 PRESETS["minilm_topic"] = dict(PRESETS["minilm"], dataset="wordnet_topic", task_type="seq_cls")
 CAUSAL_VARIANTS = ["fedit", "flexlora", "fedsvd", "subspace_reg", "frlora", "fedsmoothlora"]
-# Subspace-Reg's published clipping thresholds per model family.
-CLIP_NORM = {"minilm": 15.0, "minilm_topic": 15.0, "smollm2": 25.0}
+# Subspace-Reg's published clipping thresholds per model family (keyed by the presets' model).
+CLIP_NORM = {"all-MiniLM-L6-v2": 15.0, "SmolLM2-135M-Instruct": 25.0}
 
 
 def run_dir(root: Path, alpha: float, variant: str, seed: int) -> Path:
@@ -109,7 +109,7 @@ def run_grid(args: argparse.Namespace, settings: dict[str, Any]) -> None:
         method, kwargs = VARIANTS[variant]
         kwargs = dict(kwargs)
         if method == "subspace_reg":
-            kwargs.setdefault("clip_norm", CLIP_NORM[args.preset])
+            kwargs.setdefault("clip_norm", CLIP_NORM[settings["model"]])
         config = FederatedRunConfig(
             **settings,
             method=method,
