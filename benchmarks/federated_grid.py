@@ -26,7 +26,7 @@ Split a grid over processes with ``--shard 0/2`` and ``--shard 1/2`` (same outpu
 Loss jump: for each client that trains again, its first-step loss minus its last-step loss of its previous
 round (one batch each); "local progress" is the mean first-step minus last-step loss within a round, and
 "abs. jump / progress" relates the two as the ratio of their seed means (a method whose clients barely learn
-also barely jumps).
+also barely jumps); it is n/a where the seed-mean progress is not above zero by more than its standard error.
 
 Rounds to target: the first evaluated round at which a run's accuracy reaches 95 % of the best final
 accuracy of any method on the same seed and alpha (same partition and client sampling); runs that never reach
@@ -209,11 +209,8 @@ def summarize(args: argparse.Namespace, settings: dict[str, Any]) -> dict[str, A
             )
             # ratio of the seed means: one seed with almost no local progress would blow up a mean of ratios;
             # clients that end their rounds no better than they began have no progress to relate the jump to
-            jump, progress = entry["mean_abs_loss_jump"]["mean"], entry["local_progress"]["mean"]
             entry["relative_abs_jump"] = {
-                "mean": jump / progress
-                if jump is not None and progress is not None and progress > 0
-                else None,
+                "mean": _jump_over_progress(entry["mean_abs_loss_jump"], entry["local_progress"]),
                 "sd": 0.0,
                 "n": len(runs),
             }
@@ -223,6 +220,20 @@ def summarize(args: argparse.Namespace, settings: dict[str, Any]) -> dict[str, A
             "variants": per_variant,
         }
     return summary
+
+
+def _jump_over_progress(jump: dict[str, Any], progress: dict[str, Any]) -> float | None:
+    """|jump| / local progress, or None where the progress is not told apart from zero.
+
+    Over several seeds the progress must exceed its standard error (sd / sqrt(n)): with a few examples per
+    batch (the causal preset's 4 questions) the first- and last-step losses are single noisy mini-batches,
+    and a seed mean of 0.009 +- 0.042 would turn into a ratio of 35 that measures nothing.
+    """
+    if jump["mean"] is None or progress["mean"] is None or progress["mean"] <= 0:
+        return None
+    if progress["n"] > 1 and progress["mean"] <= progress["sd"] / math.sqrt(progress["n"]):
+        return None
+    return jump["mean"] / progress["mean"]
 
 
 def _cell(stat: dict[str, Any], digits: int = 3, scale: float = 1.0) -> str:

@@ -135,15 +135,19 @@ def layer_specs(model: nn.Module, adapter_name: str = "default") -> dict[str, La
 
 
 def get_factors(model: nn.Module, adapter_name: str = "default") -> dict[str, LowRank]:
-    """Detached copies of every layer's ``(B, A)``."""
+    """Detached CPU copies of every layer's ``(B, A)`` (strategies run on the CPU, like a server)."""
     layers = lora_layers(model, adapter_name)
     with gathered([p for layer in layers.values() for p in _factor_params(layer, adapter_name)]):
         return {
-            name: LowRank(
-                layer.lora_B[adapter_name].weight.detach().clone(), layer.lora_A[adapter_name].weight.detach().clone()
-            )
+            name: LowRank(_cpu_copy(layer.lora_B[adapter_name].weight), _cpu_copy(layer.lora_A[adapter_name].weight))
             for name, layer in layers.items()
         }
+
+
+def _cpu_copy(tensor: torch.Tensor) -> torch.Tensor:
+    # The bridge is the device boundary: what it hands to a strategy is on the CPU whatever device the model
+    # trains on, so server-side tensor code never mixes a GPU client's tensors with CPU server state.
+    return tensor.detach().to("cpu", copy=True)
 
 
 def _factor_params(layer: LoraLayer, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -201,11 +205,11 @@ def set_factors(
 
 
 def base_weights(model: nn.Module, adapter_name: str = "default") -> dict[str, torch.Tensor]:
-    """Detached copies of the frozen ``W`` of every adapted layer, out x in."""
+    """Detached CPU copies of the frozen ``W`` of every adapted layer, out x in."""
     weights = {}
     for name, layer in lora_layers(model, adapter_name).items():
         with gathered(_base_weight(layer)):  # one layer at a time: a gathered weight is full size
-            weights[name] = _to_weight_orientation(_base_weight(layer).detach(), layer).clone()
+            weights[name] = _cpu_copy(_to_weight_orientation(_base_weight(layer), layer))
     return weights
 
 
@@ -221,7 +225,7 @@ def add_to_base_weights(
         weight = _base_weight(layers[name])
         dense = delta.dense() if isinstance(delta, LowRank) else delta
         with gathered(weight, modify=True):
-            weight.add_(_to_weight_orientation(dense, layers[name]).to(weight.dtype))
+            weight.add_(_to_weight_orientation(dense, layers[name]).to(weight.device, weight.dtype))
 
 
 @torch.no_grad()
@@ -282,7 +286,7 @@ def get_extras(model: nn.Module, names: Iterable[str]) -> dict[str, torch.Tensor
     extras = {}
     for name in names:
         with gathered(params[name]):
-            extras[name] = params[name].detach().clone()
+            extras[name] = _cpu_copy(params[name])
     return extras
 
 
@@ -384,7 +388,7 @@ def full_weight_gradients(
         model.train(was_training)
     if count == 0:
         raise ValueError("full_weight_gradients got no batch: the client has no data for gradient estimation")
-    return {name: (total / count).contiguous() for name, total in sums.items()}
+    return {name: _cpu_copy(total / count).contiguous() for name, total in sums.items()}
 
 
 def _forward_ready(model: nn.Module, params: list[torch.Tensor]) -> contextlib.AbstractContextManager:

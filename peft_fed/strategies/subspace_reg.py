@@ -75,7 +75,8 @@ class SubspaceReg(Strategy):
         total = None
         for name, spec in self.specs.items():
             B, A = factors[name].B, factors[name].A
-            B_g, A_g = context[name]["B_g"].to(B.dtype), context[name]["A_g"].to(A.dtype)
+            # the broadcast lives on the CPU (server side); the live factors on the training device
+            B_g, A_g = context[name]["B_g"].to(B.device, B.dtype), context[name]["A_g"].to(A.device, A.dtype)
             term = B.new_zeros(())
             if self.mu:
                 # ||s(BA - B_g A_g)||^2 without forming m x n: ||[B, -B_g][A; A_g]||_F^2 = tr(Gb Ga)

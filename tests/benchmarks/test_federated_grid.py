@@ -126,3 +126,18 @@ def test_jump_ratio_needs_local_progress(grid, tmp_path):
     assert entry["local_progress"]["mean"] == 0.0 and entry["mean_abs_loss_jump"]["mean"] == 0.0
     assert entry["relative_abs_jump"]["mean"] is None
     assert "| flora | 1 |" in grid.markdown(summary)
+
+
+def test_jump_ratio_needs_progress_above_its_noise(grid, tmp_path):
+    # progress 0.3, -0.1, -0.1 over three seeds: mean 0.033 < its standard error 0.133, so no ratio
+    for seed, last in ((1, 0.7), (2, 1.1), (3, 1.1)):
+        _write_run(grid.run_dir(tmp_path, 0.3, "fedit", seed), [0.3, 0.3], first=1.0, last=last)
+    summary = grid.summarize(
+        _args(grid, tmp_path, "--variants", "fedit", "--seeds", "1", "2", "3", "--alphas", "0.3"),
+        dict(grid.PRESETS["minilm"], num_rounds=2),
+    )
+    entry = summary["alphas"]["0.3"]["variants"]["fedit"]
+    assert entry["local_progress"]["mean"] == pytest.approx(0.1 / 3)
+    assert entry["relative_abs_jump"]["mean"] is None
+    # the same spread around a clear progress keeps its ratio
+    assert grid._jump_over_progress({"mean": 0.2}, {"mean": 0.3, "sd": 0.2, "n": 3}) == pytest.approx(0.2 / 0.3)
