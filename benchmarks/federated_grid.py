@@ -14,9 +14,10 @@ Encoder grid of issue 4 (all-MiniLM-L6-v2, WordNet multiple choice)::
     python benchmarks/federated_grid.py --output_dir benchmarks/results/encoder_wordnet_mc
     python benchmarks/federated_grid.py --preset minilm_topic --output_dir benchmarks/results/encoder_wordnet_topic
 
-Causal LM (SmolLM2-135M scoring endings by length-normalised log-likelihood)::
+Causal LM (SmolLM2-135M scoring endings by length-normalised log-likelihood; docs/results.md ran its 18 runs
+as one process each, ``--shard I/18``, on one 80 GB GPU: 12 at a time fit, 18 at once ran out of memory)::
 
-    python benchmarks/federated_grid.py --preset smollm2 --output_dir benchmarks/results/causal_wordnet_mc
+    python benchmarks/federated_grid.py --preset smollm2 --alphas 0.3 --output_dir benchmarks/results/causal_wordnet_mc
 
 Runs (metrics, final adapters) go to ``--runs_dir`` (default ``runs/benchmarks/PRESET``, not committed).
 Split a grid over processes with ``--shard 0/2`` and ``--shard 1/2`` (same output folder); finished runs
@@ -345,6 +346,7 @@ def plot(summary: dict[str, Any], output_dir: Path) -> list[Path]:
                         ax.text(i, means[i], label, ha="center", va="bottom", fontsize=8)
                     elif never[i]:
                         ax.text(i, 0.0, "n/a", ha="center", va="bottom", fontsize=8)
+                ax.set_ylim(bottom=0.0)  # counts, magnitudes and ratios: a panel of n/a alone has no scale
                 ax.set_title(title)
             fig.suptitle(f"FedSmoothLoRA claim, Dirichlet {alpha} (mean ± sd over seeds)")
             fig.tight_layout()
