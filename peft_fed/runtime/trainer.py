@@ -26,13 +26,13 @@ import logging
 import math
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from accelerate.utils import DistributedType, gather_object
+from accelerate.utils import DistributedType, gather_object, send_to_device
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import Trainer
@@ -379,7 +379,9 @@ class FederatedTrainer(Trainer):
         self._step_losses = []
 
         def local_train(start):
-            self._current_start = start
+            # client_loss runs every step on the training device: its context (CPU, server side) moves there once
+            # per client round, not once per step; client_end keeps the CPU original
+            self._current_start = replace(start, context=send_to_device(start.context, self.args.device))
             self.train_dataset = dataset
             self.optimizer, self.lr_scheduler = None, None  # fresh optimizer state for every client round
             self.args.learning_rate = self.args.round_learning_rate(round_index)
