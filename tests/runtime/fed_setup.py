@@ -67,6 +67,13 @@ def make_trainer(method: str, output_dir, num_clients: int = 4, clients=None, mo
     )
 
 
+def assert_states_close(actual, expected, atol: float = 0.0, rtol: float = 0.0) -> None:
+    """Same keys, and every tensor close (exactly equal by default)."""
+    assert actual.keys() == expected.keys()
+    for key, value in expected.items():
+        torch.testing.assert_close(actual[key], value, atol=atol, rtol=rtol, msg=key)
+
+
 def final_state(trainer) -> dict[str, torch.Tensor]:
     """The global adapter and backbone a run ends with."""
     from peft_fed import peft_bridge

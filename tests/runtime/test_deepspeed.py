@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from fed_setup import final_state, make_trainer, peft_model
+from fed_setup import assert_states_close, final_state, make_trainer, peft_model
 
 pytest.importorskip("deepspeed")
 
@@ -159,15 +159,11 @@ def plain(tmp_path_factory):
 
 def _assert_same_run(zero3: dict, plain: dict, atol: float, loss_atol: float) -> None:
     assert zero3["partitioned"], "the ZeRO-3 run did not partition the adapted layers' parameters"
-    assert zero3["state"].keys() == plain["state"].keys()
-    for key, value in plain["state"].items():
-        # full tensors, not ZeRO-3's empty partitions, with the plain run's values
-        torch.testing.assert_close(zero3["state"][key], value, atol=atol, rtol=0, msg=key)
+    # full tensors, not ZeRO-3's empty partitions, with the plain run's values
+    assert_states_close(zero3["state"], plain["state"], atol=atol)
     torch.testing.assert_close(torch.tensor(zero3["train_loss"]), torch.tensor(plain["train_loss"]), atol=loss_atol, rtol=0)
     torch.testing.assert_close(torch.tensor(zero3["eval_loss"]), torch.tensor(plain["eval_loss"]), atol=loss_atol, rtol=0)
-    assert zero3["export"].keys() == plain["export"].keys()
-    for key, value in plain["export"].items():
-        torch.testing.assert_close(zero3["export"][key], value, atol=10 * atol, rtol=0, msg=key)
+    assert_states_close(zero3["export"], plain["export"], atol=10 * atol)
 
 
 @pytest.mark.slow

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from fed_setup import PoisonTask, client_dataset, final_state, make_trainer, peft_model
+from fed_setup import PoisonTask, assert_states_close, client_dataset, final_state, make_trainer, peft_model
 
 from peft_fed.runtime.checkpoint import CorruptCheckpointError, list_checkpoints
 
@@ -19,12 +19,6 @@ REQUIRED_KEYS = {
     "downlink_bytes", "local_train_seconds", "init_seconds", "aggregation_seconds", "eval_seconds",
     "client_loss_first", "client_loss_last",
 }
-
-
-def _equal_states(a, b, atol=0.0):
-    assert a.keys() == b.keys()
-    for key in a:
-        torch.testing.assert_close(a[key], b[key], atol=atol, rtol=0, msg=key)
 
 
 @pytest.mark.parametrize("method", ["fedsmoothlora", "fedit", "subspace_reg", "frlora"])
@@ -46,7 +40,7 @@ def test_runs_are_deterministic(tmp_path):
     a.train()
     b = make_trainer("fedsmoothlora", tmp_path / "b")
     b.train()
-    _equal_states(final_state(a), final_state(b))
+    assert_states_close(final_state(a), final_state(b))
 
 
 @pytest.mark.parametrize("method", ["fedsmoothlora", "fedsa_lora"])
@@ -60,7 +54,7 @@ def test_kill_and_resume_equals_uninterrupted(tmp_path, method):
     resumed = make_trainer(method, tmp_path / "part", num_rounds=3, save_every=1, resume=True)
     assert resumed.start_round == 2
     resumed.train()
-    _equal_states(final_state(full), final_state(resumed))
+    assert_states_close(final_state(full), final_state(resumed))
     rows = [json.loads(x) for x in (tmp_path / "part" / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rows] == [1, 2, 3]
 
@@ -163,7 +157,7 @@ def test_two_processes_equal_one(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     one = torch.load(tmp_path / "one" / "final_state.pt")
     two = torch.load(tmp_path / "two" / "final_state.pt")
-    _equal_states(one, two, atol=1e-6)
+    assert_states_close(one, two, atol=1e-6)
 
 
 @pytest.mark.slow
@@ -188,6 +182,6 @@ def test_sigkill_mid_run_then_resume_equals_uninterrupted(tmp_path):
     assert not (tmp_path / "killed" / "final_state.pt").exists()
     subprocess.run([sys.executable, str(script), common[0], str(tmp_path / "killed"), *common[1:], "--resume"],
                    check=True, env=env, capture_output=True)
-    _equal_states(torch.load(tmp_path / "full" / "final_state.pt"), torch.load(tmp_path / "killed" / "final_state.pt"))
+    assert_states_close(torch.load(tmp_path / "full" / "final_state.pt"), torch.load(tmp_path / "killed" / "final_state.pt"))
     rows = [json.loads(x) for x in (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rows] == [1, 2, 3, 4]
