@@ -16,7 +16,8 @@ from .ffa_lora import FFALoRA
 from .flexlora import FlexLoRA
 from .flora import FLoRA
 from .frlora import FRLoRA
-from .registry import STRATEGIES, canonical_method_name, get_strategy
+from .hyperparameters import NoHyperparameters
+from .registry import STRATEGIES, build_strategy, canonical_method_name, get_strategy, method_hyperparameters
 from .subspace_reg import SubspaceReg
 
 __all__ = [
@@ -27,7 +28,10 @@ __all__ = [
     "Strategy",
     "STRATEGIES",
     "canonical_method_name",
+    "build_strategy",
     "get_strategy",
+    "method_hyperparameters",
+    "NoHyperparameters",
     "FedIT",
     "FFALoRA",
     "FedSALoRA",

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import logging
 import math
-import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -27,7 +26,7 @@ from typing import ClassVar, Literal
 
 import torch
 
-from ..linalg import LowRank, SvdMethod, stack_low_rank
+from ..linalg import LowRank, stack_low_rank
 from ..state import (
     Broadcast,
     ClientStart,
@@ -38,6 +37,7 @@ from ..state import (
     Upload,
     sample_weights,
 )
+from .hyperparameters import NoHyperparameters
 
 logger = logging.getLogger(__name__)
 
@@ -91,6 +91,15 @@ def lora_default_init(spec: LayerSpec, generator: torch.Generator, dtype: torch.
     return LowRank(torch.zeros(spec.B_shape, dtype=dtype), A)
 
 
+def default_initial_factors(
+    specs: Mapping[str, LayerSpec], seed: int, dtype: torch.dtype = torch.float32
+) -> dict[str, LowRank]:
+    """PEFT's default LoRA init of every layer, drawn in order from one generator seeded by ``seed``: the
+    global factors a FedAvg-style method starts from (and what a non-federated reference should start from)."""
+    generator = torch.Generator().manual_seed(seed)
+    return {name: lora_default_init(spec, generator, dtype) for name, spec in specs.items()}
+
+
 class Strategy(ABC):
     """Base class of every federated LoRA method.
 
@@ -101,15 +110,28 @@ class Strategy(ABC):
             ``"raise"`` rejects the whole aggregation with :class:`InvalidUploadError`. In both cases the
             server state never half-changes.
         dtype: dtype of the factors the method creates and aggregates in.
+        num_rounds: the length of the run, for methods whose hyperparameters follow a schedule over rounds
+            (every runtime passes it; ``None`` when unknown).
+        **hyperparameters: the fields of the method's :attr:`Hyperparameters` dataclass, validated by it and
+            kept as ``self.hyperparameters``.
+
+    A method declares what it needs from a runtime as class attributes, so no runtime ever tests a method's
+    name or which functions it overrides.
     """
 
     name: ClassVar[str]
+    #: the method's hyperparameters, declared once (see ``strategies/hyperparameters.py``)
+    Hyperparameters: ClassVar[type] = NoHyperparameters
     #: the tensors each client uploads per layer
     uploaded: ClassVar[tuple[str, ...]] = ("B", "A")
     #: whether aggregation changes the backbone (then the result must be exported as a delta)
     merges_into_backbone: ClassVar[bool] = False
     #: whether ``client_begin`` needs a ``gradient_fn``
     needs_gradient: ClassVar[bool] = False
+    #: whether ``client_loss`` adds a term to the local objective (the runtime then evaluates it every step)
+    has_client_loss: ClassVar[bool] = False
+    #: whether a client keeps tensors between its rounds (``ClientState.layers``): a deployed client must store them
+    keeps_client_state: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -118,19 +140,34 @@ class Strategy(ABC):
         seed: int = 0,
         invalid_upload: InvalidUploadPolicy = "drop",
         dtype: torch.dtype = torch.float32,
-        svd_method: SvdMethod = "auto",
+        num_rounds: int | None = None,
+        **hyperparameters,
     ) -> None:
         if not specs:
             raise ValueError(f"{type(self).__name__} needs at least one adapted layer")
         if invalid_upload not in ("drop", "raise"):
             raise ValueError(f"invalid_upload must be 'drop' or 'raise', got {invalid_upload!r}")
-        if svd_method not in ("auto", "full", "randomized"):
-            raise ValueError(f"svd_method must be 'auto', 'full' or 'randomized', got {svd_method!r}")
+        if num_rounds is not None and num_rounds < 1:
+            raise ValueError(f"num_rounds must be >= 1, got {num_rounds}")
+        try:
+            self.hyperparameters = self.Hyperparameters(**hyperparameters)
+        except TypeError as error:  # an unknown keyword: say which method takes which
+            from .hyperparameters import hyperparameter_names
+
+            raise TypeError(
+                f"{type(self).__name__} got unknown hyperparameter(s) "
+                f"{sorted(set(hyperparameters) - set(hyperparameter_names(self.Hyperparameters)))}; "
+                f"it takes {hyperparameter_names(self.Hyperparameters)}"
+            ) from error
         self.specs = dict(specs)
         self.seed = seed
         self.invalid_upload = invalid_upload
         self.dtype = dtype
-        self.svd_method: SvdMethod = svd_method
+        self.num_rounds = num_rounds
+
+    def gradient_batches(self) -> int:
+        """How many of a client's batches the runtime averages for ``gradient_fn`` (0 without one)."""
+        return 0
 
     # ------------------------------------------------------------------ server side
 
@@ -162,7 +199,7 @@ class Strategy(ABC):
         for name, spec in self.specs.items():
             init = lora_default_init(spec, generator, self.dtype)
             layers[name] = {"B": init.B, "A": init.A}
-        return layers
+        return layers  # the same draws as default_initial_factors(specs, seed), from init_server's generator
 
     def _initial_backbone_update(self, state: ServerState) -> dict[str, LowRank]:
         return {}
@@ -241,7 +278,6 @@ class Strategy(ABC):
             if self.invalid_upload == "raise":
                 raise InvalidUploadError(message + " (invalid_upload='raise': nothing was aggregated)")
             logger.warning(message + "; dropping this client for the round")
-            warnings.warn(message, stacklevel=3)
             dropped.append((upload.client_id, problem))
         return valid, dropped
 

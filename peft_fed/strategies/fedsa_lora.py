@@ -18,6 +18,7 @@ from .base import GradientFn, Strategy, pick_factors
 class FedSALoRA(Strategy):
     name = "fedsa_lora"
     uploaded = ("A",)
+    keeps_client_state = True  # its own private B
 
     def _broadcast_layers(self, state: ServerState, client: ClientState) -> LayerTensors:
         return {name: {"A": t["A"]} for name, t in state.layers.items()}

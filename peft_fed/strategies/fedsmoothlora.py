@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
@@ -32,20 +33,145 @@ import torch
 from ..linalg import LowRank, best_rank_r, truncated_svd
 from ..state import Broadcast, ClientStart, ClientState, LayerSpec, LayerTensors, ServerState, Upload
 from .base import GradientFn, Strategy
+from .hyperparameters import SvdHyperparameters, check_bool, check_choice, check_int, check_real
 
-ZetaSchedule = Literal["constant", "cosine"]
+ZETA_SCHEDULES = ("constant", "cosine")
 
 
-def zeta_at_round(
-    round_index: int, *, zeta: float, schedule: ZetaSchedule, zeta_min: float, num_rounds: int | None
-) -> float:
-    """``zeta_t``: constant, or ``zeta_min + 0.5 (zeta_0 - zeta_min)(1 + cos(pi t / T))`` (t 0-based)."""
-    if schedule == "constant":
-        return zeta
-    if num_rounds is None or num_rounds < 1:
-        raise ValueError("the cosine zeta schedule needs num_rounds >= 1")
-    progress = min(round_index, num_rounds) / num_rounds
-    return zeta_min + 0.5 * (zeta - zeta_min) * (1.0 + math.cos(math.pi * progress))
+@dataclass
+class FedSmoothLoRAHyperparameters(SvdHyperparameters):
+    """FedSmoothLoRA's hyperparameters (SPEC, section FedSmoothLoRA), declared once for the strategy, the
+    ``FedSmoothLoraConfig`` PEFT type and the CLI.
+
+    Args:
+        zeta (`float`):
+            `zeta_0`, the weight of the Round-Matching matrix `W_rm = zeta_t * (U_c - D_c)`, in [0, 1]. With 1 a
+            returning client starts from exactly its own last local model; 0 disables round matching.
+        zeta_schedule (`Literal["constant", "cosine"]`):
+            `constant`: `zeta_t = zeta` every round (the paper's IID setting). `cosine`:
+            `zeta_t = zeta_min + 0.5 * (zeta - zeta_min) * (1 + cos(pi * t / T))` over the `T` rounds (non-IID).
+        zeta_min (`float`):
+            Final value of the cosine schedule, in [0, zeta]. SPEC defaults: 0 for classification, 0.5 for
+            generation. Unused with the constant schedule.
+        gamma (`float`):
+            Scale of the gradient-aligned factors: both are multiplied by `m**0.25 / sqrt(gamma)` (LoRA-GA's
+            "stable" scaling), > 0. Reference runs: 64 (generation), 256 (images).
+        num_gradient_batches (`int`):
+            `N_ga`, the number of the client's own training mini-batches averaged for the full-weight gradient
+            estimate each round, >= 1.
+        svd_method (`Literal["auto", "full", "randomized"]`):
+            SVD used on each layer's gradient: `full` (`torch.linalg.svd`), `randomized` (`torch.svd_lowrank`),
+            or `auto` (randomized for large layers with a small rank, full otherwise).
+        svd_oversampling (`Optional[int]`):
+            Randomized SVD only: `q`, the number of random test vectors (q itself, not q - 2r). `None` leaves
+            it to the strategy's default (the SPEC's `q = 4r`, `r` the layer's rank). Must be >= 2r, since the
+            direction uses the top 2r singular vectors.
+        svd_power_iterations (`int`):
+            Randomized SVD only: subspace (power) iterations, >= 0.
+        exact_round_matching (`bool`):
+            `False` (the paper's behaviour): a returning client starts at `W - s*W_ga + s*SVD_r(W_ga + W_rm)`,
+            which equals `W + s*W_rm` only up to the rank-r truncation. `True`: the truncation residual
+            `(W_ga + W_rm) - SVD_r(W_ga + W_rm)` is also added (times `s`) to the frozen local backbone offset, so
+            the client starts at exactly `W + s*W_rm`; the offset stays local and is never uploaded.
+    """
+
+    zeta: float = field(
+        default=1.0,
+        metadata={
+            "help": (
+                "zeta_0, weight of the Round-Matching matrix W_rm = zeta_t * (U_c - D_c), in [0, 1]. 1 (default) "
+                "restarts a returning client from exactly its own last local model; 0 disables round matching."
+            )
+        },
+    )
+    zeta_schedule: Literal["constant", "cosine"] = field(
+        default="constant",
+        metadata={
+            "help": (
+                "Schedule of zeta over rounds: 'constant' (zeta_t = zeta, the paper's IID setting) or 'cosine' "
+                "(zeta_t = zeta_min + 0.5*(zeta - zeta_min)*(1 + cos(pi*t/T)), for non-IID data)."
+            )
+        },
+    )
+    zeta_min: float = field(
+        default=0.0,
+        metadata={
+            "help": (
+                "Final zeta of the cosine schedule, in [0, zeta]: 0 for classification, 0.5 for generation in the "
+                "reference runs. Ignored by the constant schedule."
+            )
+        },
+    )
+    gamma: float = field(
+        default=64.0,
+        metadata={
+            "help": (
+                "Stable-scaling constant of the gradient-aligned init: both factors are multiplied by "
+                "m**0.25 / sqrt(gamma), > 0. Reference runs: 64 (generation), 256 (images)."
+            )
+        },
+    )
+    num_gradient_batches: int = field(
+        default=8,
+        metadata={
+            "help": (
+                "N_ga: number of the client's own training mini-batches averaged for the full-weight gradient "
+                "estimate at the start of each round, >= 1."
+            )
+        },
+    )
+    svd_oversampling: int | None = field(
+        default=None,
+        metadata={
+            "help": (
+                "Randomized SVD: q, the number of random test vectors (q itself, not q - 2r). None leaves it to "
+                "the strategy's default (the SPEC's q = 4r, r the layer's rank). Must be >= 2r."
+            )
+        },
+    )
+    svd_power_iterations: int = field(
+        default=4,
+        metadata={"help": "Randomized SVD: number of subspace (power) iterations, >= 0."},
+    )
+    exact_round_matching: bool = field(
+        default=False,
+        metadata={
+            "help": (
+                "False (the paper's behaviour): a returning client starts at W - s*W_ga + s*SVD_r(W_ga + W_rm), "
+                "i.e. W + s*W_rm up to the rank-r truncation. True: the truncation residual of SVD_r(W_ga + W_rm) "
+                "is kept in the frozen local backbone offset, so the client starts exactly at W + s*W_rm."
+            )
+        },
+    )
+
+    def validate_hyperparameters(self) -> None:
+        super().validate_hyperparameters()
+        self.zeta = check_real("zeta", self.zeta, minimum=0.0, maximum=1.0)
+        self.zeta_schedule = check_choice("zeta_schedule", self.zeta_schedule, ZETA_SCHEDULES)
+        self.zeta_min = check_real("zeta_min", self.zeta_min, minimum=0.0)
+        if self.zeta_min > self.zeta:
+            raise ValueError(
+                f"`zeta_min` must be in [0, zeta] (the cosine schedule decays from zeta to zeta_min); got "
+                f"zeta_min={self.zeta_min} > zeta={self.zeta}."
+            )
+        self.gamma = check_real("gamma", self.gamma, minimum=0.0, exclusive_minimum=True)
+        self.num_gradient_batches = check_int("num_gradient_batches", self.num_gradient_batches, minimum=1)
+        if self.svd_oversampling is not None:
+            check_int("svd_oversampling", self.svd_oversampling, minimum=2)
+        self.svd_power_iterations = check_int("svd_power_iterations", self.svd_power_iterations, minimum=0)
+        self.exact_round_matching = check_bool("exact_round_matching", self.exact_round_matching)
+
+    def zeta_at(self, round_index: int, num_rounds: int | None) -> float:
+        """``zeta_t`` for round ``round_index`` (0-based) of ``num_rounds``: constant, or
+        ``zeta_min + 0.5 (zeta_0 - zeta_min)(1 + cos(pi t / T))``."""
+        check_int("round_index", round_index, minimum=0)
+        if self.zeta_schedule == "constant":
+            return self.zeta
+        if num_rounds is None:
+            raise ValueError("the cosine zeta schedule needs num_rounds >= 1 (the run's length)")
+        check_int("num_rounds", num_rounds, minimum=1)
+        progress = min(round_index, num_rounds) / num_rounds
+        return self.zeta_min + 0.5 * (self.zeta - self.zeta_min) * (1.0 + math.cos(math.pi * progress))
 
 
 def check_gradient_aligned_ranks(specs: Mapping[str, LayerSpec]) -> None:
@@ -63,62 +189,29 @@ def check_gradient_aligned_ranks(specs: Mapping[str, LayerSpec]) -> None:
 
 
 class FedSmoothLoRA(Strategy):
-    """FedSmoothLoRA. Hyperparameters as in :class:`peft_fed.FedSmoothLoraConfig`.
+    """FedSmoothLoRA; hyperparameters in :class:`FedSmoothLoRAHyperparameters`.
 
-    Args:
-        zeta, zeta_schedule, zeta_min: the Round-Matching weight and its schedule over ``num_rounds``.
-        gamma: the Gradient-Aligned "stable" scale ``m**0.25 / sqrt(gamma)``.
-        svd_oversampling, svd_power_iterations: randomised SVD settings (``q`` defaults to ``4r``).
-        exact_round_matching: keep the truncation residual in the local backbone offset (see module doc).
+    ``num_rounds`` (the run's length) drives the cosine zeta schedule.
     """
 
     name = "fedsmoothlora"
+    Hyperparameters = FedSmoothLoRAHyperparameters
     merges_into_backbone = True
     needs_gradient = True
+    keeps_client_state = True
+    hyperparameters: FedSmoothLoRAHyperparameters
 
-    def __init__(
-        self,
-        specs: Mapping[str, LayerSpec],
-        *,
-        zeta: float = 1.0,
-        zeta_schedule: ZetaSchedule = "constant",
-        zeta_min: float = 0.0,
-        num_rounds: int | None = None,
-        gamma: float = 64.0,
-        svd_oversampling: int | None = None,
-        svd_power_iterations: int = 4,
-        exact_round_matching: bool = False,
-        **kwargs,
-    ) -> None:
+    def __init__(self, specs: Mapping[str, LayerSpec], **kwargs) -> None:
         super().__init__(specs, **kwargs)
-        if not 0.0 <= zeta <= 1.0:
-            raise ValueError(f"zeta must be in [0, 1], got {zeta}")
-        if zeta_schedule not in ("constant", "cosine"):
-            raise ValueError(f"zeta_schedule must be 'constant' or 'cosine', got {zeta_schedule!r}")
-        if not 0.0 <= zeta_min <= zeta:
-            raise ValueError(f"zeta_min must be in [0, zeta={zeta}], got {zeta_min}")
-        if zeta_schedule == "cosine" and (num_rounds is None or num_rounds < 1):
+        if self.hyperparameters.zeta_schedule == "cosine" and self.num_rounds is None:
             raise ValueError("zeta_schedule='cosine' needs num_rounds >= 1")
-        if gamma <= 0:
-            raise ValueError(f"gamma must be positive, got {gamma}")
         check_gradient_aligned_ranks(self.specs)
-        self.zeta = zeta
-        self.zeta_schedule: ZetaSchedule = zeta_schedule
-        self.zeta_min = zeta_min
-        self.num_rounds = num_rounds
-        self.gamma = gamma
-        self.svd_oversampling = svd_oversampling
-        self.svd_power_iterations = svd_power_iterations
-        self.exact_round_matching = exact_round_matching
+
+    def gradient_batches(self) -> int:
+        return self.hyperparameters.num_gradient_batches
 
     def zeta_at(self, round_index: int) -> float:
-        return zeta_at_round(
-            round_index,
-            zeta=self.zeta,
-            schedule=self.zeta_schedule,
-            zeta_min=self.zeta_min,
-            num_rounds=self.num_rounds,
-        )
+        return self.hyperparameters.zeta_at(round_index, self.num_rounds)
 
     # ------------------------------------------------------------------ server
 
@@ -171,12 +264,12 @@ class FedSmoothLoRA(Strategy):
             U, _, V = truncated_svd(
                 G,
                 2 * r,
-                method=self.svd_method,
-                oversampling=self.svd_oversampling or 4 * r,  # SPEC: q = 4r for the 2r vectors needed
-                power_iterations=self.svd_power_iterations,
+                method=self.hyperparameters.svd_method,
+                oversampling=self.hyperparameters.svd_oversampling or 4 * r,  # SPEC: q = 4r for the 2r vectors needed
+                power_iterations=self.hyperparameters.svd_power_iterations,
                 generator_seed=self.seed,
             )
-            stable = spec.out_features**0.25 / math.sqrt(self.gamma)
+            stable = spec.out_features**0.25 / math.sqrt(self.hyperparameters.gamma)
             factors[name] = LowRank(
                 (U[:, r : 2 * r] * stable).to(self.dtype).contiguous(),
                 (V[:, :r].mT * stable).to(self.dtype).contiguous(),
@@ -200,8 +293,8 @@ class FedSmoothLoRA(Strategy):
             if first:
                 factors[name] = aligned[name]
             else:
-                factors[name] = best_rank_r(W_ga + round_matching[name], spec.rank, method=self.svd_method)
-            if self.exact_round_matching:
+                factors[name] = best_rank_r(W_ga + round_matching[name], spec.rank, method=self.hyperparameters.svd_method)
+            if self.hyperparameters.exact_round_matching:
                 offsets[name] = spec.scale * (round_matching[name] - factors[name].dense())
             else:
                 offsets[name] = -spec.scale * W_ga
@@ -222,7 +315,7 @@ class FedSmoothLoRA(Strategy):
         kept: LayerTensors = {}
         for name, spec in self.specs.items():
             local_change = trained[name].dense().detach() + start.backbone_offsets[name] / spec.scale
-            U_c = best_rank_r(local_change, spec.rank, method=self.svd_method)
+            U_c = best_rank_r(local_change, spec.rank, method=self.hyperparameters.svd_method)
             uploads[name] = {"B": U_c.B, "A": U_c.A}
             kept[name] = {"U_B": U_c.B.clone(), "U_A": U_c.A.clone()}
         return uploads, kept

@@ -19,6 +19,7 @@ from .base import GradientFn, Strategy, pick_factors
 class FFALoRA(Strategy):
     name = "ffa_lora"
     uploaded = ("B",)
+    keeps_client_state = True  # the fixed A it was sent once
 
     def _broadcast_layers(self, state: ServerState, client: ClientState) -> LayerTensors:
         if client.last_round is None:

@@ -16,11 +16,14 @@ import torch
 from ..linalg import LowRank, stack_low_rank, truncated_svd
 from ..state import ClientState, LayerTensors, ServerState, Upload
 from .base import Strategy, pick_factors
+from .hyperparameters import SvdHyperparameters
 
 
 class FRLoRA(Strategy):
     name = "frlora"
+    Hyperparameters = SvdHyperparameters  # the SVD of the pretrained W at initialisation
     merges_into_backbone = True
+    keeps_client_state = True
 
     def _init_layers(self, generator, base_weights: Mapping[str, torch.Tensor] | None) -> LayerTensors:
         if base_weights is None or set(base_weights) != set(self.specs):
@@ -34,7 +37,7 @@ class FRLoRA(Strategy):
                     f"FRLoRA: base weight of {name!r} has shape {tuple(W.shape)}, "
                     f"expected {(spec.out_features, spec.in_features)} (out x in)"
                 )
-            U, S, V = truncated_svd(W, spec.rank, method=self.svd_method, generator_seed=self.seed)
+            U, S, V = truncated_svd(W, spec.rank, method=self.hyperparameters.svd_method, generator_seed=self.seed)
             root = (S / spec.scale).sqrt()
             B0, A0 = (U * root).to(self.dtype), (root[:, None] * V.mT).to(self.dtype)
             layers[name] = {"B0": B0, "A0": A0}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 
 from ..state import LayerSpec
 from .base import Strategy
@@ -34,6 +35,33 @@ def canonical_method_name(name: str) -> str:
     return key
 
 
+def method_hyperparameters(name: str) -> type:
+    """The dataclass of method ``name``'s hyperparameters (fields, defaults, help; validation on construction)."""
+    return STRATEGIES[canonical_method_name(name)].Hyperparameters
+
+
 def get_strategy(name: str, specs: Mapping[str, LayerSpec], **hyperparameters) -> Strategy:
     """Build the strategy ``name`` for the given layers; unknown hyperparameters raise ``TypeError``."""
     return STRATEGIES[canonical_method_name(name)](specs, **hyperparameters)
+
+
+def build_strategy(
+    name: str,
+    specs: Mapping[str, LayerSpec],
+    *,
+    hyperparameter_source: Any = None,
+    overrides: Mapping[str, Any] | None = None,
+    **common: Any,
+) -> Strategy:
+    """Build method ``name`` the way every runtime does.
+
+    Its hyperparameters are read from ``hyperparameter_source`` (any object with attributes of those names,
+    e.g. the method's typed PEFT config), then ``overrides`` win; ``common`` are the keywords every strategy
+    takes (``seed``, ``invalid_upload``, ``num_rounds``, ``dtype``).
+    """
+    from .hyperparameters import hyperparameter_values
+
+    cls = STRATEGIES[canonical_method_name(name)]
+    hyperparameters = hyperparameter_values(cls.Hyperparameters, hyperparameter_source) if hyperparameter_source else {}
+    hyperparameters.update(overrides or {})
+    return cls(specs, **common, **hyperparameters)

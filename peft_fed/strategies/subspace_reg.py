@@ -19,51 +19,100 @@ literal form.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
 
 from ..linalg import LowRank, truncated_svd
-from ..state import ClientStart, LayerSpec, LayerTensors, ServerState, Upload
+from ..state import ClientStart, LayerTensors, ServerState, Upload
 from .base import Strategy
+from .hyperparameters import NoHyperparameters, check_bool, check_choice, check_real
+
+RESTORE_NORM_TARGETS = ("A", "both")
+
+
+@dataclass
+class SubspaceRegHyperparameters(NoHyperparameters):
+    """Subspace-Reg's hyperparameters (SPEC, section Subspace-Reg), declared once for the strategy, the
+    ``SubspaceRegLoraConfig`` PEFT type and the CLI.
+
+    Client objective, summed over the `P` adapted layers with `(B_g, A_g)` the round's global factors:
+    `L + (1/P) * sum [mu/2 ||s*B A - s*B_g A_g||^2 + beta/2 ||B - B_g||^2 + lam/2 (||A||^2 + ||B||^2)]`.
+    `mu = beta = lam = 0` is the "orthonormal-B factorisation only" ablation.
+
+    Args:
+        mu (`float`):
+            Weight of the proximal term on the update, `mu/2 * ||s*B A - s*B_g A_g||_F^2`, >= 0. Default 0.05
+            (published runs; the paper's text says 0.1).
+        beta (`float`):
+            Weight of the basis anchor `beta/2 * ||B - B_g||_F^2`, >= 0.
+        lam (`float`):
+            Weight decay on the factors, `lam/2 * (||A||_F^2 + ||B||_F^2)`, >= 0.
+        normalize_by_num_layers (`bool`):
+            Divide the summed regulariser by `P`, the number of adapted layers (the published code does).
+        clip_norm (`Optional[float]`):
+            `tau`: the server clips each layer's aggregated update `Delta` to `||Delta||_F <= tau` before
+            factorising it; > 0, or `None` for no clipping. Published runs: 15 for encoders, 25 for decoders.
+        restore_norm_into (`Literal["A", "both"]`):
+            Where the server puts the norm-restoring factor (see the module doc).
+    """
+
+    mu: float = field(
+        default=0.05,
+        metadata={
+            "help": (
+                "Weight of the proximal term mu/2 * ||s*B A - s*B_g A_g||_F^2, >= 0. 0.05 in the published runs "
+                "(the paper's text says 0.1)."
+            )
+        },
+    )
+    beta: float = field(default=0.01, metadata={"help": "Weight of the basis anchor beta/2 * ||B - B_g||_F^2, >= 0."})
+    lam: float = field(
+        default=1e-5, metadata={"help": "Weight decay on the factors, lam/2 * (||A||_F^2 + ||B||_F^2), >= 0."}
+    )
+    normalize_by_num_layers: bool = field(
+        default=True,
+        metadata={"help": "Divide the summed regulariser by the number of adapted layers P (the published code does)."},
+    )
+    clip_norm: float | None = field(
+        default=15.0,
+        metadata={
+            "help": (
+                "tau: the server clips each layer's aggregated update to ||Delta||_F <= tau before factorising it; "
+                "> 0, or None for no clipping. Published runs: 15 for encoders, 25 for decoders."
+            )
+        },
+    )
+    restore_norm_into: Literal["A", "both"] = field(
+        default="A",
+        metadata={
+            "help": (
+                "Where the server puts the norm-restoring factor c = ||Delta||_F / ||s*B_g A_g||_F: 'A' multiplies "
+                "A_g by c and keeps B_g orthonormal; 'both' multiplies B_g and A_g by sqrt(c) (the SPEC's literal "
+                "rule, which breaks B_g's orthonormality). The product B_g A_g is the same either way."
+            )
+        },
+    )
+
+    def validate_hyperparameters(self) -> None:
+        super().validate_hyperparameters()
+        self.mu = check_real("mu", self.mu, minimum=0.0)
+        self.beta = check_real("beta", self.beta, minimum=0.0)
+        self.lam = check_real("lam", self.lam, minimum=0.0)
+        self.normalize_by_num_layers = check_bool("normalize_by_num_layers", self.normalize_by_num_layers)
+        if self.clip_norm is not None:
+            self.clip_norm = check_real("clip_norm", self.clip_norm, minimum=0.0, exclusive_minimum=True)
+        self.restore_norm_into = check_choice("restore_norm_into", self.restore_norm_into, RESTORE_NORM_TARGETS)
 
 
 class SubspaceReg(Strategy):
-    """Subspace-Reg. Hyperparameters as in :class:`peft_fed.SubspaceRegLoraConfig`.
-
-    Args:
-        mu, beta, lam: weights of the product-proximal, ``B``-proximal and weight-decay terms.
-        normalize_by_num_layers: divide the regulariser by the number of adapted layers ``P``.
-        clip_norm: per-layer Frobenius bound ``tau`` on the aggregated update (``None``: no clipping).
-        restore_norm_into: where the norm-restoration factor goes (see module doc).
-    """
+    """Subspace-Reg; hyperparameters in :class:`SubspaceRegHyperparameters`."""
 
     name = "subspace_reg"
-
-    def __init__(
-        self,
-        specs: Mapping[str, LayerSpec],
-        *,
-        mu: float = 0.05,
-        beta: float = 0.01,
-        lam: float = 1e-5,
-        normalize_by_num_layers: bool = True,
-        clip_norm: float | None = 15.0,
-        restore_norm_into: Literal["A", "both"] = "A",
-        **kwargs,
-    ) -> None:
-        super().__init__(specs, **kwargs)
-        for label, value in (("mu", mu), ("beta", beta), ("lam", lam)):
-            if value < 0:
-                raise ValueError(f"{label} must be >= 0, got {value}")
-        if clip_norm is not None and clip_norm <= 0:
-            raise ValueError(f"clip_norm must be positive or None, got {clip_norm}")
-        if restore_norm_into not in ("A", "both"):
-            raise ValueError(f"restore_norm_into must be 'A' or 'both', got {restore_norm_into!r}")
-        self.mu, self.beta, self.lam = mu, beta, lam
-        self.normalize_by_num_layers = normalize_by_num_layers
-        self.clip_norm = clip_norm
-        self.restore_norm_into = restore_norm_into
+    Hyperparameters = SubspaceRegHyperparameters
+    has_client_loss = True
+    hyperparameters: SubspaceRegHyperparameters
 
     def client_begin(self, broadcast, client_state, gradient_fn=None) -> ClientStart:
         start = super().client_begin(broadcast, client_state, gradient_fn)
@@ -72,28 +121,30 @@ class SubspaceReg(Strategy):
 
     def regularizer(self, factors: Mapping[str, LowRank], context: LayerTensors) -> torch.Tensor:
         """The bracketed sum of the client objective (differentiable in ``factors``)."""
+        hp = self.hyperparameters
         total = None
         for name, spec in self.specs.items():
             B, A = factors[name].B, factors[name].A
             # the broadcast lives on the CPU (server side); the live factors on the training device
             B_g, A_g = context[name]["B_g"].to(B.device, B.dtype), context[name]["A_g"].to(A.device, A.dtype)
             term = B.new_zeros(())
-            if self.mu:
+            if hp.mu:
                 # ||s(BA - B_g A_g)||^2 without forming m x n: ||[B, -B_g][A; A_g]||_F^2 = tr(Gb Ga)
                 left = torch.cat([B, -B_g], dim=1)
                 right = torch.cat([A, A_g], dim=0)
-                term = term + 0.5 * self.mu * spec.scale**2 * ((left.mT @ left) * (right @ right.mT)).sum()
-            if self.beta:
-                term = term + 0.5 * self.beta * (B - B_g).pow(2).sum()
-            if self.lam:
-                term = term + 0.5 * self.lam * (A.pow(2).sum() + B.pow(2).sum())
+                term = term + 0.5 * hp.mu * spec.scale**2 * ((left.mT @ left) * (right @ right.mT)).sum()
+            if hp.beta:
+                term = term + 0.5 * hp.beta * (B - B_g).pow(2).sum()
+            if hp.lam:
+                term = term + 0.5 * hp.lam * (A.pow(2).sum() + B.pow(2).sum())
             total = term if total is None else total + term
-        if self.normalize_by_num_layers:
+        if hp.normalize_by_num_layers:
             total = total / len(self.specs)
         return total
 
     def client_loss(self, factors: Mapping[str, LowRank], start: ClientStart) -> torch.Tensor | None:
-        if not (self.mu or self.beta or self.lam):
+        hp = self.hyperparameters
+        if not (hp.mu or hp.beta or hp.lam):
             return None
         return self.regularizer(factors, start.context)
 
@@ -106,7 +157,7 @@ class SubspaceReg(Strategy):
             # All singular values of the stacked factors give the exact Frobenius norm of Delta.
             _, S_all, _ = truncated_svd(delta, delta.rank)
             norm = float(S_all.double().pow(2).sum().sqrt())
-            clip = 1.0 if self.clip_norm is None or norm <= self.clip_norm else self.clip_norm / norm
+            clip = 1.0 if self.hyperparameters.clip_norm is None or norm <= self.hyperparameters.clip_norm else self.hyperparameters.clip_norm / norm
             norm *= clip
             U, S, V = truncated_svd(delta, spec.rank)
             S = S * clip / spec.scale
@@ -117,7 +168,7 @@ class SubspaceReg(Strategy):
             k = S.shape[0]
             B_g[:, :k] = U
             A_g[:k] = S[:, None] * V.mT
-            if self.restore_norm_into == "A":
+            if self.hyperparameters.restore_norm_into == "A":
                 A_g = A_g * restore
             else:
                 B_g, A_g = B_g * restore**0.5, A_g * restore**0.5

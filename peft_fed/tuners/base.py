@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import math
-from collections.abc import Collection
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import ClassVar
 
 from peft import LoraConfig
 from torch import nn
 
+from ..strategies.hyperparameters import check_int
 from .layer_shapes import AdaptedLayerShape
 from .registration import (
     FEDERATED_METHOD_FIELD,
@@ -20,56 +19,12 @@ from .registration import (
 )
 
 
-def check_real(
-    name: str,
-    value: Any,
-    *,
-    minimum: float | None = None,
-    maximum: float | None = None,
-    exclusive_minimum: bool = False,
-) -> float:
-    """``value`` as a finite float within the bounds, or a ``ValueError`` that names the field."""
-    # bool is an int subclass; True as a hyperparameter value is a mistake, not 1.0.
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(f"`{name}` must be a real number, got {value!r} ({type(value).__name__}).")
-    value = float(value)
-    if not math.isfinite(value):
-        raise ValueError(f"`{name}` must be finite, got {value}.")
-    if minimum is not None:
-        if exclusive_minimum and value <= minimum:
-            raise ValueError(f"`{name}` must be > {minimum}, got {value}.")
-        if not exclusive_minimum and value < minimum:
-            raise ValueError(f"`{name}` must be >= {minimum}, got {value}.")
-    if maximum is not None and value > maximum:
-        raise ValueError(f"`{name}` must be <= {maximum}, got {value}.")
-    return value
-
-
-def check_int(name: str, value: Any, *, minimum: int) -> int:
-    """``value`` as an int >= ``minimum``, or a ``ValueError`` that names the field."""
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"`{name}` must be an integer, got {value!r} ({type(value).__name__}).")
-    if value < minimum:
-        raise ValueError(f"`{name}` must be >= {minimum}, got {value}.")
-    return value
-
-
-def check_choice(name: str, value: Any, choices: Collection[str]) -> str:
-    if value not in choices:
-        raise ValueError(f"`{name}` must be one of {', '.join(repr(c) for c in choices)}; got {value!r}.")
-    return value
-
-
-def check_bool(name: str, value: Any) -> bool:
-    if not isinstance(value, bool):
-        raise ValueError(f"`{name}` must be True or False, got {value!r}.")
-    return value
-
-
 @dataclass
 class FederatedLoraConfig(LoraConfig):
     """A ``LoraConfig`` for a federated method: plain LoRA layers plus the method's hyperparameters.
 
+    A subclass also inherits its method's ``Hyperparameters`` dataclass (``strategies/<method>.py``), so the
+    extra fields, their documentation and their validation are declared once, beside the strategy.
     The adapted layers are ordinary PEFT LoRA layers (``peft_type`` stays ``LORA``), so everything PEFT does
     with a LoRA adapter works unchanged; the federated behaviour lives in peft-fed's strategy layer, which
     reads the extra fields. Subclasses set ``FEDERATED_METHOD`` and give ``federated_method`` that default.
@@ -105,6 +60,8 @@ class FederatedLoraConfig(LoraConfig):
                 f"{self.federated_method!r}. To load a saved config of another method, use "
                 "PeftConfig.from_pretrained (it picks the class from this field)."
             )
+        # PEFT's __post_init__ does not chain to the hyperparameters' own, so validate them here
+        self.validate_hyperparameters()
         check_int("r", self.r, minimum=1)
         for pattern, rank in (self.rank_pattern or {}).items():
             check_int(f"rank_pattern[{pattern!r}]", rank, minimum=1)

@@ -11,7 +11,7 @@ from strategy_sim import quadratic_gradient_fn
 
 from peft_fed.linalg import LowRank, best_rank_r
 from peft_fed.state import ClientState, LayerSpec
-from peft_fed.strategies.fedsmoothlora import zeta_at_round
+from peft_fed.strategies.fedsmoothlora import FedSmoothLoRAHyperparameters
 
 SAMPLES = {"0": 4, "1": 6, "2": 5}
 
@@ -164,11 +164,12 @@ def test_randomized_svd_matches_full_on_large_layer():
 
 
 def test_cosine_zeta_schedule():
-    values = [zeta_at_round(t, zeta=1.0, schedule="cosine", zeta_min=0.5, num_rounds=10) for t in range(11)]
+    cosine = FedSmoothLoRAHyperparameters(zeta=1.0, zeta_schedule="cosine", zeta_min=0.5)
+    values = [cosine.zeta_at(t, 10) for t in range(11)]
     assert values[0] == pytest.approx(1.0) and values[10] == pytest.approx(0.5)
     assert values[5] == pytest.approx(0.75)
     assert all(a >= b for a, b in zip(values, values[1:], strict=False))
-    assert zeta_at_round(7, zeta=0.8, schedule="constant", zeta_min=0.0, num_rounds=None) == 0.8
+    assert FedSmoothLoRAHyperparameters(zeta=0.8).zeta_at(7, None) == 0.8
 
 
 def test_zeta_zero_ignores_history(build, specs):
