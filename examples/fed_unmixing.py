@@ -32,6 +32,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from peft_fed.strategies import method_hyperparameters  # noqa: E402
+from peft_fed.strategies.hyperparameters import hyperparameter_names  # noqa: E402
 from peft_fed.unmixing import (  # noqa: E402
     FederatedUnmixingConfig,
     GaussTrainingConfig,
@@ -165,8 +167,11 @@ def main(argv: list[str] | None = None) -> dict:
     )
 
     def config_for(method: str) -> FederatedUnmixingConfig:
+        # the documented runs average 4 gradient batches (N_ga) of a client's pixels, not the method default 8
+        takes = hyperparameter_names(method_hyperparameters(method))
         return FederatedUnmixingConfig(
             method=method,
+            method_kwargs={"num_gradient_batches": 4} if "num_gradient_batches" in takes else {},
             rank=args.rank,
             alpha=args.alpha,
             num_rounds=args.num_rounds,

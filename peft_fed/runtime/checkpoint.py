@@ -5,12 +5,16 @@ A checkpoint is a folder ``OUTPUT_DIR/checkpoints/round-XXXXXX`` (XXXXXX = compl
 * ``server.safetensors``: the strategy's server state (global factors, averaged heads, merge history);
 * ``clients.safetensors``: every client's state (FedSmoothLoRA's last uploads, FedSA-LoRA's own ``B``...);
 * ``backbone.safetensors``: the current frozen weights of the adapted layers (merges included);
-* ``meta.json``: round, method, RNG states, run facts;
+* ``meta.json``: round, method, number of clients and the metrics history;
 * ``manifest.json``: SHA-256 and size of every other file, written last.
 
 It is written into a hidden temporary folder and renamed into place, so a run killed mid-write
 leaves no half checkpoint under a real name. A folder with a real name whose manifest is missing or
 does not match is refused with :class:`CorruptCheckpointError`, never skipped.
+
+No RNG state is stored because none is needed: every random stream of a run (client sampling, each client's
+batches, dropout and initialisation) is seeded from ``(seed, round, client id)``, so a resumed run replays
+the streams of an uninterrupted one (tested bit-for-bit in ``tests/runtime/test_trainer.py``).
 """
 
 from __future__ import annotations

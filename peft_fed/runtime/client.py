@@ -8,14 +8,16 @@ method-specific maths: that stays in the strategy.
 
 from __future__ import annotations
 
+import math
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from .. import peft_bridge
+from ..engine import ClientRecord, ClientTask, step_loss_summary
 from ..linalg import LowRank
 from ..state import Broadcast, ClientStart, ClientState, Upload
 from ..strategies.base import Strategy
@@ -104,3 +106,58 @@ def run_client_round(
         trained, extras, start, client_state, num_samples, broadcast.backbone_version
     )
     return ClientRoundResult(upload, new_state, trained, start, train_output, timings)
+
+
+def run_client(
+    model: nn.Module,
+    strategy: Strategy,
+    task: ClientTask,
+    *,
+    train: Callable[[ClientStart], object],
+    step_losses: Callable[[object], Sequence[float]],
+    num_samples: int,
+    gradient_batches: Callable[[], Iterable[Mapping[str, torch.Tensor]]] | None = None,
+    loss_fn: LossFn | None = None,
+    extra_names: Iterable[str] = (),
+    accumulation: int = 1,
+    raise_on_failure: bool = False,
+) -> ClientRecord:
+    """:func:`run_client_round` for one engine task, as the engine's :class:`~peft_fed.engine.ClientRecord`.
+
+    ``step_losses(train_output)`` gives the client's per-forward task losses. A client whose gradient
+    estimate, trained weights or training loss are not finite gets a record with ``failure`` set (its update
+    is dropped and it keeps its previous state); with ``raise_on_failure`` the error propagates instead.
+    """
+    try:
+        result = run_client_round(
+            model,
+            strategy,
+            task.broadcast,
+            task.client_state,
+            train=train,
+            num_samples=num_samples,
+            gradient_batches=gradient_batches,
+            loss_fn=loss_fn,
+            extra_names=extra_names,
+        )
+    except ClientNumericalError as error:
+        if raise_on_failure:
+            raise
+        return ClientRecord(task.client_id, None, None, None, num_samples, failure=str(error))
+    losses = list(step_losses(result.train_output))
+    first, last, mean = step_loss_summary(losses, accumulation)
+    if not all(math.isfinite(v) for v in losses):
+        if raise_on_failure:
+            raise ClientNumericalError(f"client {task.client_id}: non-finite training loss")
+        return ClientRecord(task.client_id, None, None, None, num_samples, first, last, failure="non-finite training loss")
+    return ClientRecord(
+        client_id=task.client_id,
+        upload=result.upload,
+        client_state=result.client_state,
+        trained=result.trained,
+        num_samples=num_samples,
+        loss_first=first,
+        loss_last=last,
+        loss_mean=mean,
+        timings=result.timings,
+    )

@@ -20,71 +20,41 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import inspect
 import json
 import logging
-import math
 import time
+import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from accelerate.utils import DistributedType, gather_object, send_to_device
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
-from transformers import Trainer
+from transformers import Trainer, TrainerState
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from transformers.trainer_utils import IntervalStrategy, set_seed
 
 from .. import peft_bridge
-from ..diagnostics import round_diagnostics
-from ..state import ClientState, sample_round_clients
-from ..strategies import Strategy, get_strategy
-from ..strategies.base import NoValidUploadsError
+from ..engine import ClientRecord, ClientTask, RoundEngine, RoundHooks, client_seed
+from ..linalg import LowRank
+from ..state import ClientState, ServerState
+from ..strategies import Strategy, build_strategy, canonical_method_name
 from .arguments import FederatedTrainingArguments
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from .client import ClientNumericalError, run_client_round
+from .client import run_client
 
 logger = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.jsonl"
-
-
-@dataclass
-class ClientRecord:
-    """What one client's round produced, as gathered across processes."""
-
-    client_id: str
-    upload: Any
-    client_state: ClientState | None
-    trained: dict | None
-    num_samples: int
-    loss_first: float
-    loss_last: float
-    loss_mean: float
-    timings: dict[str, float] = field(default_factory=dict)
-    failure: str | None = None
-
-
-def inter_round_loss_jumps(history: Sequence[Mapping[str, Any]], row: Mapping[str, Any]) -> list[float]:
-    """For each client of ``row`` that trained before: its first-step loss now minus its last-step loss
-    in its previous round (the discontinuity FedSmoothLoRA's Round-Matching targets)."""
-    previous_last: dict[str, float] = {}
-    for past in history:
-        previous_last.update(past["client_loss_last"])
-    return [
-        first - previous_last[cid]
-        for cid, first in row["client_loss_first"].items()
-        if cid in previous_last and math.isfinite(first) and math.isfinite(previous_last[cid])
-    ]
-
-
-def _round_seed(seed: int, round_index: int, client_id: str) -> int:
-    # Independent of which process trains the client, so 1 and P processes see the same streams.
-    return int(np.random.SeedSequence([seed, round_index, int(client_id)]).generate_state(1)[0])
+# Trainer settings for per-step work inside a client's few local steps; the engine does it per round.
+_PER_ROUND_SETTINGS = {
+    "save_strategy": "save_every (federated checkpoints of the whole state)",
+    "logging_strategy": "one log per round to report_to, at step = round",
+    "eval_strategy": "eval_every (the global model, between rounds)",
+}
 
 
 class FederatedTrainer(Trainer):
@@ -138,43 +108,59 @@ class FederatedTrainer(Trainer):
         if task is not None and trainer_kwargs.get("compute_metrics") is None and hasattr(task, "compute_metrics"):
             trainer_kwargs["compute_metrics"] = task.compute_metrics
         self.strategy = strategy or self._build_strategy(model, args)
-        if self.strategy.needs_gradient:
-            peft_config = getattr(model, "peft_config", {}).get("default")
-            self.gradient_batches = args.gradient_estimation_batches or getattr(peft_config, "num_gradient_batches", 8)
-        else:
-            self.gradient_batches = 0
+        self.gradient_batches = self.strategy.gradient_batches() if self.strategy.needs_gradient else 0
         self.extra_names = peft_bridge.trainable_extra_names(model)
         self.original_weights = peft_bridge.base_weights(model)
-        self.history: list[dict[str, Any]] = []
         self._current_start = None
         self._step_losses: list[float] = []
+        self._in_rounds = False
         super().__init__(model=model, args=args, train_dataset=self.client_datasets[0], eval_dataset=eval_dataset, **trainer_kwargs)
-        # Local training is logged and checkpointed per round by us, not per step by the Trainer.
-        self.args.save_strategy = IntervalStrategy.NO
-        self.args.logging_strategy = IntervalStrategy.NO
-        self.args.eval_strategy = IntervalStrategy.NO
-        self.args.disable_tqdm = True
-        # We draw our own bars over rounds and clients; the Trainer's per-client bar and printed logs would
-        # repeat for every client of every round.
+        self._take_over_per_step_settings()
+        # We draw our own bars over rounds and clients (both follow disable_tqdm); the Trainer's per-client bar
+        # and printed logs would repeat for every client of every round.
         self.remove_callback(ProgressCallback)
         self.remove_callback(PrinterCallback)
         self.parallel_mode = self._resolve_parallel_mode()
-        if self.is_zero3_enabled and self._strategy_has_loss_term:
+        if self.is_zero3_enabled and self.strategy.has_client_loss:
             raise NotImplementedError(
                 f"{self.strategy.name!r} adds a loss term on the live LoRA factors, which DeepSpeed ZeRO-3 cannot "
                 "provide (its partitioned parameters cannot be gathered with gradients outside their module's "
                 "forward pass); use ZeRO stage 1 or 2, or train without DeepSpeed"
             )
-        self.server_state, initial_update = self.strategy.init_server(
-            extras=peft_bridge.get_extras(model, self.extra_names),
-            base_weights=self.original_weights,
+        self.engine = RoundEngine(
+            self.strategy,
+            self,
+            num_clients=self.num_clients,
+            clients_per_round=self.clients_per_round,
+            seed=args.seed,
+            invalid_upload=args.invalid_upload,
         )
-        if initial_update:
-            peft_bridge.add_to_base_weights(model, initial_update)
-        self.client_states = {str(i): ClientState(client_id=str(i)) for i in range(self.num_clients)}
-        self.start_round = 0
+        self.engine.initialize(
+            extras=peft_bridge.get_extras(model, self.extra_names), base_weights=self.original_weights
+        )
+        # One TrainerState for the whole run: each client's Trainer.train() makes its own, but report_to
+        # integrations must see one log per round at step = round.
+        self.run_state = TrainerState(max_steps=args.num_rounds)
         if args.resume:
-            self._resume()
+            self._resume(latest_checkpoint(args.output_dir), required=False)
+
+    # ------------------------------------------------------------------ federated state (held by the engine)
+
+    @property
+    def server_state(self) -> ServerState:
+        return self.engine.server_state
+
+    @property
+    def client_states(self) -> dict[str, ClientState]:
+        return self.engine.client_states
+
+    @property
+    def history(self) -> list[dict[str, Any]]:
+        return self.engine.history
+
+    @property
+    def start_round(self) -> int:
+        return self.engine.completed_rounds
 
     # ------------------------------------------------------------------ setup
 
@@ -182,7 +168,8 @@ class FederatedTrainer(Trainer):
         if args.clients_per_round is not None:
             if args.clients_per_round > self.num_clients:
                 raise ValueError(
-                    f"clients_per_round={args.clients_per_round} is more than the {self.num_clients} clients"
+                    f"clients_per_round={args.clients_per_round} is more than the {self.num_clients} clients "
+                    "(set clients_per_round=None to train every client each round)"
                 )
             return args.clients_per_round
         if args.client_fraction is not None:
@@ -190,13 +177,9 @@ class FederatedTrainer(Trainer):
         return self.num_clients
 
     def _build_strategy(self, model: torch.nn.Module, args: FederatedTrainingArguments) -> Strategy:
-        from ..strategies import STRATEGIES, canonical_method_name
-
+        """``args.method`` with the hyperparameters of the model's typed PEFT config, overridden by
+        ``args.method_kwargs``."""
         name = canonical_method_name(args.method)
-        cls = STRATEGIES[name]
-        accepted = set(inspect.signature(cls.__init__).parameters) - {"self", "specs", "kwargs"}
-        accepted |= set(inspect.signature(Strategy.__init__).parameters) - {"self", "specs"}
-        hyper: dict[str, Any] = {}
         peft_config = getattr(model, "peft_config", {}).get("default")
         config_method = getattr(peft_config, "federated_method", None)
         if config_method is not None and config_method != name:
@@ -204,19 +187,28 @@ class FederatedTrainer(Trainer):
                 f"the model's PEFT config is for {config_method!r} but args.method is {name!r}; "
                 "use a plain LoraConfig for other methods or set method to match"
             )
-        if peft_config is not None and config_method == name:
-            for key in accepted:
-                if hasattr(peft_config, key):
-                    hyper[key] = getattr(peft_config, key)
-        hyper.update(args.method_kwargs or {})
-        unknown = set(hyper) - accepted
-        if unknown:
-            raise ValueError(f"unknown hyperparameter(s) {sorted(unknown)} for method {name!r}; it takes {sorted(accepted)}")
-        hyper.setdefault("seed", args.seed)
-        hyper.setdefault("invalid_upload", args.invalid_upload)
-        if "num_rounds" in accepted:
-            hyper.setdefault("num_rounds", args.num_rounds)
-        return get_strategy(name, self.specs, **hyper)
+        return build_strategy(
+            name,
+            self.specs,
+            hyperparameter_source=peft_config if config_method == name else None,
+            overrides=args.method_kwargs,
+            seed=args.seed,
+            invalid_upload=args.invalid_upload,
+            num_rounds=args.num_rounds,
+        )
+
+    def _take_over_per_step_settings(self) -> None:
+        """Saving, logging and evaluation happen per round (the engine), not per step inside a client's
+        local training; a user who asked for per-step ones is told, once, what replaces them."""
+        for name, replacement in _PER_ROUND_SETTINGS.items():
+            value = getattr(self.args, name)
+            if str(getattr(value, "value", value)) != IntervalStrategy.NO.value:
+                warnings.warn(
+                    f"{name}={getattr(value, 'value', value)!r} cannot apply inside a client's local steps; "
+                    f"federated runs use {replacement}",
+                    stacklevel=3,
+                )
+            setattr(self.args, name, IntervalStrategy.NO)
 
     def _resolve_parallel_mode(self) -> str:
         mode = self.args.parallel_mode
@@ -245,15 +237,11 @@ class FederatedTrainer(Trainer):
             loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
         if model.training and self._current_start is not None:
             self._step_losses.append(self._recorded_loss(loss))
-            if self._strategy_has_loss_term:
+            if self.strategy.has_client_loss:
                 extra = self.strategy.client_loss(peft_bridge.live_factors(self.model), self._current_start)
                 if extra is not None:
                     loss = loss + extra.to(loss.dtype)
         return (loss, outputs) if return_outputs else loss
-
-    @property
-    def _strategy_has_loss_term(self) -> bool:
-        return type(self.strategy).client_loss is not Strategy.client_loss
 
     def _recorded_loss(self, loss: torch.Tensor) -> float:
         """The step's loss as recorded in the metrics: in data-parallel mode with several processes, the mean
@@ -338,8 +326,7 @@ class FederatedTrainer(Trainer):
 
     def sample_clients(self, round_index: int) -> list[str]:
         """The clients of round ``round_index``: a seeded draw without replacement, sorted."""
-        chosen = sample_round_clients(self.num_clients, self.clients_per_round, self.args.seed, round_index)
-        return [str(i) for i in chosen]
+        return self.engine.sample_clients(round_index)
 
     def _gradient_batches(self, dataset, seed: int) -> Callable[[], list[Mapping[str, torch.Tensor]]]:
         # In data-parallel mode every process computes the same estimate on the global batch (per-device batch
@@ -372,9 +359,30 @@ class FederatedTrainer(Trainer):
             return self.task.compute_loss(model, batch)[0]
         return model(**batch).loss
 
-    def _train_one_client(self, round_index: int, client_id: str, broadcast) -> ClientRecord:
-        dataset = self.client_datasets[int(client_id)]
-        seed = _round_seed(self.args.seed, round_index, client_id)
+    # ------------------------------------------------------------------ the engine's client executor
+
+    def train_clients(self, round_index: int, tasks: Sequence[ClientTask]) -> list[ClientRecord]:
+        """Train this process's share of the round's clients with the Trainer's loop, one after another; in
+        client-parallel mode the records of every process are gathered, so every process sees them all."""
+        rank, world = self.accelerator.process_index, self.accelerator.num_processes
+        mine = tasks[rank::world] if self._client_parallel else tasks
+        progress = tqdm(
+            mine,
+            desc=f"round {round_index + 1} clients",
+            leave=False,
+            disable=not self.is_world_process_zero() or bool(self.args.disable_tqdm),
+        )
+        records = [self._train_one_client(round_index, task) for task in progress]
+        if not self._client_parallel:
+            return records
+        return [record for chunk in gather_object([records]) for record in chunk]
+
+    def apply_backbone_update(self, update: Mapping[str, LowRank]) -> None:
+        peft_bridge.add_to_base_weights(self.model, update)
+
+    def _train_one_client(self, round_index: int, task: ClientTask) -> ClientRecord:
+        dataset = self.client_datasets[int(task.client_id)]
+        seed = client_seed(self.args.seed, round_index, task.client_id)
         set_seed(seed)
         self._step_losses = []
 
@@ -399,179 +407,71 @@ class FederatedTrainer(Trainer):
                 self._current_start = None
                 self.args.learning_rate = self._base_learning_rate
 
-        try:
-            result = run_client_round(
-                self.model,
-                self.strategy,
-                broadcast,
-                self.client_states[client_id],
-                train=local_train,
-                num_samples=len(dataset),
-                gradient_batches=self._gradient_batches(dataset, seed) if self.strategy.needs_gradient else None,
-                loss_fn=self._task_loss,
-                extra_names=self.extra_names,
-            )
-        except ClientNumericalError as error:
-            if self.args.invalid_upload == "raise":
-                raise
-            return self._failed_record(client_id, len(dataset), str(error))
-        losses = self._step_losses
-        accumulation = max(1, self.args.gradient_accumulation_steps)
-        first = float(np.mean(losses[:accumulation])) if losses else float("nan")
-        last = float(np.mean(losses[-accumulation:])) if losses else float("nan")
-        if not all(math.isfinite(v) for v in losses):
-            return self._failed_record(client_id, len(dataset), "non-finite training loss", first, last)
-        return ClientRecord(
-            client_id=client_id,
-            upload=result.upload,
-            client_state=result.client_state,
-            trained=result.trained,
+        return run_client(
+            self.model,
+            self.strategy,
+            task,
+            train=local_train,
+            step_losses=lambda _: self._step_losses,
             num_samples=len(dataset),
-            loss_first=first,
-            loss_last=last,
-            loss_mean=float(np.mean(losses)) if losses else float("nan"),
-            timings=result.timings,
+            gradient_batches=self._gradient_batches(dataset, seed) if self.strategy.needs_gradient else None,
+            loss_fn=self._task_loss,
+            extra_names=self.extra_names,
+            accumulation=self.args.gradient_accumulation_steps,
+            raise_on_failure=self.args.invalid_upload == "raise",
         )
-
-    def _failed_record(self, client_id, num_samples, reason, first=float("nan"), last=float("nan")) -> ClientRecord:
-        logger.warning("client %s: %s; its update is dropped from this round", client_id, reason)
-        return ClientRecord(client_id, None, None, None, num_samples, first, last, float("nan"), failure=reason)
-
-    def _gather(self, records: list[ClientRecord]) -> list[ClientRecord]:
-        if not self._client_parallel:
-            return records
-        gathered = gather_object([records])
-        return [record for chunk in gathered for record in chunk]
 
     def _load_global_model(self) -> None:
         """Put the global model's factors and heads into the adapter (for evaluation and export)."""
-        factors = self.strategy.global_factors(self.server_state, self.client_states)
-        peft_bridge.set_factors(self.model, factors)
+        peft_bridge.set_factors(self.model, self.engine.global_factors())
         if self.server_state.extras:
             peft_bridge.set_extras(self.model, self.server_state.extras)
 
-    def train(self, resume_from_checkpoint=None, trial=None, ignore_keys_for_eval=None, **kwargs):  # noqa: D417
-        """Run every federated round; returns the per-round metrics (also in ``OUTPUT_DIR/metrics.jsonl``)."""
+    # ------------------------------------------------------------------ the run
+
+    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+        """Outside the rounds, as the Trainer does. During them, each client's ``Trainer.train`` and the round's
+        evaluation would log at their own step counters; the round logs once instead (see ``_RoundHooks``)."""
+        if not self._in_rounds:
+            super().log(logs, *args, **kwargs)
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, trial=None, ignore_keys_for_eval=None, **kwargs):
+        """Run every federated round; returns the per-round metrics (also in ``OUTPUT_DIR/metrics.jsonl``).
+
+        ``resume_from_checkpoint``: a checkpoint folder (``OUTPUT_DIR/checkpoints/round-XXXXXX``) or ``True`` for
+        the latest under ``output_dir``, as in ``Trainer.train``; ``args.resume`` does the latter at construction.
+        """
         args = self.args
+        if resume_from_checkpoint:
+            path = latest_checkpoint(args.output_dir) if resume_from_checkpoint is True else Path(resume_from_checkpoint)
+            self._resume(path, required=True)
         self._base_learning_rate = args.learning_rate
-        output_dir = Path(args.output_dir)
         if self.is_world_process_zero():
-            output_dir.mkdir(parents=True, exist_ok=True)
-            self._truncate_metrics(output_dir / METRICS_FILE, self.start_round)
-        rounds = tqdm(
-            range(self.start_round, args.num_rounds),
-            desc=f"{self.strategy.name} rounds",
-            initial=self.start_round,
-            total=args.num_rounds,
-            disable=not self.is_world_process_zero(),
-        )
+            Path(args.output_dir).mkdir(parents=True, exist_ok=True)
+            self._truncate_metrics(Path(args.output_dir) / METRICS_FILE, self.start_round)
         # Trainer.train() (once per client round) starts with Accelerate's free_memory(), a full gc.collect()
         # that walks every object of the process: half a second per client here. Freezing what exists now
         # (model, datasets, tokenizer: alive for the whole run anyway) keeps later collections cheap.
         gc.freeze()
+        self._in_rounds = True
         try:
-            for round_index in rounds:
-                row = self._play_round(round_index)
-                rounds.set_postfix(
-                    {k: f"{row[k]:.4g}" for k in ("train_loss", "eval_accuracy") if row.get(k) is not None}
-                )
-                if args.save_every and (round_index + 1) % args.save_every == 0:
-                    self.save_federated_checkpoint(round_index + 1)
+            self.engine.run(
+                args.num_rounds,
+                _RoundHooks(self),
+                show_progress=self.is_world_process_zero() and not args.disable_tqdm,
+            )
         finally:
+            self._in_rounds = False
+            self.state = self.run_state
             gc.unfreeze()
         self._load_global_model()
         return self.history
 
-    def _play_round(self, round_index: int) -> dict[str, Any]:
-        args = self.args
-        selected = self.sample_clients(round_index)
-        rank, world = self.accelerator.process_index, self.accelerator.num_processes
-        mine = selected[rank::world] if self._client_parallel else selected
-        downlink = 0
-        records: list[ClientRecord] = []
-        tic = time.perf_counter()
-        for client_id in tqdm(mine, desc=f"round {round_index} clients", leave=False, disable=not self.is_world_process_zero()):
-            broadcast = self.strategy.configure(self.server_state, self.client_states[client_id])
-            downlink += broadcast.nbytes
-            records.append(self._train_one_client(round_index, client_id, broadcast))
-        local_seconds = time.perf_counter() - tic
-        records = sorted(self._gather(records), key=lambda r: int(r.client_id))
-        downlink = sum(self._gather_scalar(downlink))
-
-        tic = time.perf_counter()
-        good = [r for r in records if r.failure is None]
-        dropped = {r.client_id: r.failure for r in records if r.failure is not None}
-        try:
-            result = self.strategy.aggregate(self.server_state, [r.upload for r in good])
-        except NoValidUploadsError:
-            if good:
-                raise
-            raise NoValidUploadsError(
-                f"round {round_index}: every client failed ({dropped}); the federated state is unchanged"
-            ) from None
-        dropped.update(dict(result.dropped))
-        if result.backbone_update:
-            peft_bridge.add_to_base_weights(self.model, result.backbone_update)
-        accepted = set(result.accepted)
-        for record in good:
-            if record.client_id in accepted:
-                self.client_states[record.client_id] = record.client_state
-        self.server_state = result.state
-        aggregate_seconds = time.perf_counter() - tic
-
-        used = [r for r in good if r.client_id in accepted]
-        diagnostics = round_diagnostics(self.specs, [r.trained for r in used], result.weights, result.global_B)
-        weights = {r.client_id: w for r, w in zip(used, result.weights, strict=True)}
-        row: dict[str, Any] = {
-            "round": round_index + 1,
-            "method": self.strategy.name,
-            "clients": selected,
-            "dropped_clients": dropped,
-            "learning_rate": args.round_learning_rate(round_index),
-            "train_loss": float(sum(weights[r.client_id] * r.loss_mean for r in used)),
-            "client_loss_first": {r.client_id: r.loss_first for r in records},
-            "client_loss_last": {r.client_id: r.loss_last for r in records},
-            "client_num_samples": {r.client_id: r.num_samples for r in records},
-            **diagnostics.as_dict(),
-            "uplink_bytes": int(sum(r.upload.nbytes for r in good)),
-            "downlink_bytes": int(downlink),
-            "backbone_version": self.server_state.backbone_version,
-            "local_train_seconds": float(sum(r.timings.get("train_seconds", 0.0) for r in records)),
-            "init_seconds": float(sum(r.timings.get("init_seconds", 0.0) for r in records)),
-            "round_local_wall_seconds": local_seconds,
-            "aggregation_seconds": aggregate_seconds,
-        }
-        row["inter_round_loss_jump"], row["inter_round_loss_jump_abs"] = self._mean_loss_jump(row)
-        evaluate_now = (args.eval_every and (round_index + 1) % args.eval_every == 0) or round_index + 1 == args.num_rounds
-        row.update({"eval_loss": None, "eval_accuracy": None, "eval_seconds": 0.0})
-        if evaluate_now and self.eval_dataset is not None:
-            tic = time.perf_counter()
-            self._load_global_model()
-            metrics = self.evaluate()
-            row["eval_loss"] = metrics.get("eval_loss")
-            row["eval_accuracy"] = metrics.get("eval_accuracy")
-            row["eval_seconds"] = time.perf_counter() - tic
-        self.history.append(row)
-        if self.is_world_process_zero():
-            with open(Path(args.output_dir) / METRICS_FILE, "a") as handle:
-                handle.write(json.dumps(row) + "\n")
-        self.log({k: v for k, v in row.items() if isinstance(v, (int, float)) and v is not None})
-        return row
-
-    def _gather_scalar(self, value: float) -> list[float]:
-        return gather_object([value]) if self._client_parallel else [value]
-
-    def _mean_loss_jump(self, row: Mapping[str, Any]) -> tuple[float | None, float | None]:
-        """Mean (signed, absolute) over this round's returning clients of the inter-round loss jump."""
-        jumps = inter_round_loss_jumps(self.history, row)
-        if not jumps:
-            return None, None
-        return float(np.mean(jumps)), float(np.mean(np.abs(jumps)))
-
     # ------------------------------------------------------------------ checkpoints
 
     def save_federated_checkpoint(self, completed_rounds: int) -> None:
-        """Save the whole federated state (main process) after ``completed_rounds`` rounds."""
+        """Save the whole federated state (main process) after ``completed_rounds`` rounds; keeps the last
+        ``save_total_limit`` checkpoints when that is set."""
         backbone = peft_bridge.base_weights(self.model)  # on every process: gathers the weights under ZeRO-3
         if self.is_world_process_zero():
             save_checkpoint(
@@ -581,13 +481,16 @@ class FederatedTrainer(Trainer):
                 self.client_states,
                 backbone,
                 {"method": self.strategy.name, "history": self.history, "num_clients": self.num_clients},
+                keep_last=self.args.save_total_limit,
             )
         self.accelerator.wait_for_everyone()
 
-    def _resume(self) -> None:
-        path = latest_checkpoint(self.args.output_dir)
-        if path is None:
-            logger.warning("resume requested but %s has no checkpoint; starting from round 0", self.args.output_dir)
+    def _resume(self, path: Path | None, *, required: bool) -> None:
+        if path is None or not Path(path).is_dir():
+            where = path if path is not None else f"{self.args.output_dir}/checkpoints"
+            if required:
+                raise ValueError(f"no federated checkpoint at {where}")
+            logger.warning("resume requested but %s has no checkpoint; starting from round 0", where)
             return
         checkpoint = load_checkpoint(path)
         if checkpoint.meta.get("method") != self.strategy.name:
@@ -596,12 +499,10 @@ class FederatedTrainer(Trainer):
             )
         if checkpoint.meta.get("num_clients") != self.num_clients:
             raise ValueError(f"checkpoint {path} has {checkpoint.meta.get('num_clients')} clients, this run {self.num_clients}")
-        self.server_state = checkpoint.server_state
-        self.client_states = checkpoint.client_states
+        self.engine.restore(checkpoint.server_state, checkpoint.client_states, checkpoint.meta.get("history", []))
         peft_bridge.set_base_weights(self.model, checkpoint.backbone)
-        self.history = list(checkpoint.meta.get("history", []))
-        self.start_round = checkpoint.round
-        logger.info("resumed from %s at round %d", path, self.start_round)
+        self.run_state.global_step = checkpoint.round
+        logger.info("resumed from %s at round %d", path, checkpoint.round)
 
     @staticmethod
     def _truncate_metrics(path: Path, keep_rounds: int) -> None:
@@ -613,3 +514,46 @@ class FederatedTrainer(Trainer):
         rows = [line for line in path.read_text().splitlines() if line.strip()]
         kept = [line for line in rows if json.loads(line)["round"] <= keep_rounds]
         path.write_text("".join(line + "\n" for line in kept))
+
+
+class _RoundHooks(RoundHooks):
+    """The Trainer's side of each round: learning rate and evaluation in the row, metrics.jsonl and one
+    ``report_to`` log per round at ``step = round``, checkpoints every ``save_every`` rounds."""
+
+    def __init__(self, trainer: FederatedTrainer) -> None:
+        self.trainer = trainer
+
+    def round_metrics(self, round_index: int) -> dict[str, Any]:
+        trainer, args = self.trainer, self.trainer.args
+        row: dict[str, Any] = {
+            "learning_rate": args.round_learning_rate(round_index),
+            "eval_loss": None,
+            "eval_accuracy": None,
+            "eval_seconds": 0.0,
+        }
+        due = (args.eval_every and (round_index + 1) % args.eval_every == 0) or round_index + 1 == args.num_rounds
+        if due and trainer.eval_dataset is not None:
+            tic = time.perf_counter()
+            trainer._load_global_model()
+            metrics = trainer.evaluate()
+            row.update(
+                eval_loss=metrics.get("eval_loss"),
+                eval_accuracy=metrics.get("eval_accuracy"),
+                eval_seconds=time.perf_counter() - tic,
+            )
+        return row
+
+    def record(self, row: Mapping[str, Any]) -> None:
+        trainer = self.trainer
+        if trainer.is_world_process_zero():
+            with open(Path(trainer.args.output_dir) / METRICS_FILE, "a") as handle:
+                handle.write(json.dumps(row) + "\n")
+        trainer.state = trainer.run_state
+        trainer.run_state.global_step = row["round"]
+        numbers = {k: v for k, v in row.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        Trainer.log(trainer, numbers)
+
+    def checkpoint(self, completed_rounds: int) -> None:
+        save_every = self.trainer.args.save_every
+        if save_every and completed_rounds % save_every == 0:
+            self.trainer.save_federated_checkpoint(completed_rounds)

@@ -14,10 +14,11 @@ the approximation loss plus the reconstruction loss back-propagated through UN a
 which matters here because k-means pseudo labels computed on each client would come in a different,
 arbitrary order on every client.
 
-One federated round is exactly what :class:`~peft_fed.runtime.FederatedTrainer` does with a transformer:
-``Strategy.configure`` -> :func:`~peft_fed.runtime.client.run_client_round` (whose local training callable
-runs ``train_stage`` on the client's pixels) -> ``Strategy.aggregate`` -> merge of the backbone update when
-the method merges. The aggregation maths lives in the strategies only. Every method's client loss term
+The rounds are played by the same engine as :class:`~peft_fed.runtime.FederatedTrainer`'s
+(:class:`~peft_fed.engine.RoundEngine`: sample -> configure -> clients -> aggregate -> merge -> diagnostics);
+only the client executor differs: :func:`~peft_fed.runtime.client.run_client` whose local training callable
+runs ``train_stage`` on the client's pixels. A client whose gradient estimate, weights or loss are not finite
+is dropped from its round, as in the trainer. The aggregation maths lives in the strategies only. Every method's client loss term
 (Subspace-Reg's regulariser) is added through the optimizer (:class:`_ClientLossOptimizer`), and
 FedSmoothLoRA's gradient estimate uses the same blind GAUSS loss on batches of the client's pixels.
 
@@ -36,14 +37,18 @@ from typing import Any
 
 import numpy as np
 import torch
-from peft import LoraConfig, get_peft_model
+from peft import get_peft_model
 from torch import nn
 from tqdm.auto import tqdm
 
 from .. import peft_bridge
-from ..state import ClientState, ServerState, sample_round_clients
-from ..strategies import Strategy, canonical_method_name, get_strategy
-from ..tuners.registration import get_federated_config_class
+from ..engine import ClientRecord, ClientTask, RoundEngine, RoundHooks, client_seed
+from ..linalg import LowRank
+from ..runtime.client import run_client
+from ..state import ServerState
+from ..strategies import Strategy, build_strategy, canonical_method_name
+from ..strategies.base import default_initial_factors
+from ..tuners import peft_config_class
 from .config import GaussTrainingConfig
 from .data import HyperspectralScene
 from .metrics import evaluate_unmixing
@@ -105,10 +110,8 @@ class FederatedUnmixingConfig:
         clients_per_round: clients sampled per round (seeded, without replacement); ``None``: all of them.
         learning_rate: Adam learning rate of the adapters (a fresh optimizer every client round, as in the
             federated runtime).
-        gradient_batches: batches of the client's pixels averaged for a gradient estimate (FedSmoothLoRA's
-            gradient-aligned init).
-        method_kwargs: hyperparameters of the strategy (e.g. ``{"zeta": 0.5}`` or ``{"mu": 0.1}``); unknown
-            names raise ``TypeError`` when the strategy is built.
+        method_kwargs: hyperparameters of the strategy (e.g. ``{"zeta": 0.5}``, ``{"num_gradient_batches": 4}``
+            or ``{"mu": 0.1}``); unknown names raise ``TypeError`` when the strategy is built.
         seed: seeds the strategy's initial factors, client sampling and every client's batches.
         show_progress: a tqdm bar over rounds.
     """
@@ -122,7 +125,6 @@ class FederatedUnmixingConfig:
     local_steps: int = 25
     clients_per_round: int | None = None
     learning_rate: float = 1e-3
-    gradient_batches: int = 4
     method_kwargs: dict[str, Any] = field(default_factory=dict)
     seed: int = 0
     show_progress: bool = True
@@ -134,7 +136,7 @@ class FederatedUnmixingConfig:
         self.target_modules = tuple(self.target_modules)
         if not self.target_modules:
             raise ValueError("target_modules must name at least one layer of the GAUSS model")
-        for name in ("rank", "num_rounds", "local_steps", "gradient_batches"):
+        for name in ("rank", "num_rounds", "local_steps"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
@@ -211,8 +213,7 @@ def adapt_gauss_model(source_model: nn.Module, config: FederatedUnmixingConfig) 
     FedSmoothLoRA and Subspace-Reg get their own peft_fed config class, which checks the ranks against the
     layer shapes before any layer is replaced (``2 r <= min(in, out)`` for FedSmoothLoRA).
     """
-    config_cls = get_federated_config_class(config.method) or LoraConfig
-    lora = config_cls(
+    lora = peft_config_class(config.method)(
         r=config.rank,
         lora_alpha=config.alpha,
         target_modules=list(config.target_modules),
@@ -292,7 +293,7 @@ class _ClientLossOptimizer:
 
 def _stream_seed(*keys: int) -> int:
     """An independent seed for one named random stream (e.g. ``(seed, round, client)``)."""
-    return int(np.random.SeedSequence([int(k) for k in keys]).generate_state(1)[0])
+    return client_seed(*keys)
 
 
 _CENTRAL_STREAM = 2**31 - 1  # client id of the centralised run's batch stream
@@ -377,11 +378,10 @@ def _gradient_batches(
 
 
 def _initial_factors(model: nn.Module, seed: int) -> dict:
-    """The adapter every non-federated run starts from: FedIT's initial global factors (PEFT's default LoRA
-    init, ``B = 0``, seeded), so that a one-client, one-round FedIT run and a local-only run coincide."""
-    strategy = get_strategy("fedit", peft_bridge.layer_specs(model), seed=seed)
-    state, _ = strategy.init_server()
-    return strategy.global_factors(state)
+    """The adapter every non-federated run starts from: the FedAvg-style methods' initial global factors
+    (PEFT's default LoRA init, ``B = 0``, seeded), so that a one-client, one-round FedIT run and a local-only run
+    coincide."""
+    return default_initial_factors(peft_bridge.layer_specs(model), seed)
 
 
 # ---------------------------------------------------------------------------------------- the three settings
@@ -411,9 +411,6 @@ def run_federated_unmixing(
         model) with the global model's metrics on the whole scene, the uplink and downlink bytes of the round,
         the sampled clients and their mean local losses.
     """
-    # The runtime package's __init__ imports the transformers-based trainer: import it only when used.
-    from ..runtime.client import run_client_round
-
     config, training_config, clients, per_round, windows = _prepare(
         source_model, scene, client_pixel_indices, config, training_config
     )
@@ -421,107 +418,110 @@ def run_federated_unmixing(
     model = adapt_gauss_model(source_model, config)
     specs = peft_bridge.layer_specs(model)
     if strategy is None:
-        hyper = dict(config.method_kwargs)
-        hyper.setdefault("seed", config.seed)
-        if config.method == "fedsmoothlora":
-            hyper.setdefault("num_rounds", config.num_rounds)
-        strategy = get_strategy(config.method, specs, **hyper)
+        strategy = build_strategy(config.method, specs, overrides=config.method_kwargs, seed=config.seed,
+                                  num_rounds=config.num_rounds)
     elif set(strategy.specs) != set(specs):
         raise ValueError(f"the strategy adapts {sorted(strategy.specs)}, the model {sorted(specs)}")
-    loss_fn = _blind_loss_fn(training_config)
-
-    server_state, initial_update = strategy.init_server(base_weights=peft_bridge.base_weights(model))
-    if initial_update:
-        peft_bridge.add_to_base_weights(model, initial_update)
-    client_states = {str(i): ClientState(client_id=str(i)) for i in range(len(clients))}
-
-    def load_global() -> None:
-        peft_bridge.set_factors(model, strategy.global_factors(server_state, client_states))
-
-    load_global()
-    metrics, _ = evaluate_gauss_model(model, windows, scene)
-    history: list[dict[str, Any]] = [{"round": 0, **metrics, "uplink_bytes": 0, "downlink_bytes": 0}]
-    rounds = tqdm(range(config.num_rounds), desc=f"{strategy.name} rounds", disable=not config.show_progress)
-    for round_index in rounds:
-        round_tic = time.perf_counter()
-        selected = sample_round_clients(len(clients), per_round, config.seed, round_index)
-        uploads, results, losses, downlink = [], {}, [], 0
-        for client in selected:
-            cid = str(client)
-            seed = _stream_seed(config.seed, round_index, client)
-            broadcast = strategy.configure(server_state, client_states[cid])
-            downlink += broadcast.nbytes
-
-            def local_train(start, pixels=clients[client], seed=seed):
-                client_loss = None
-                if type(strategy).client_loss is not Strategy.client_loss:
-
-                    def client_loss(start=start):
-                        return strategy.client_loss(peft_bridge.live_factors(model), start)
-
-                optimizer = _ClientLossOptimizer(
-                    model, config.learning_rate, training_config.weight_decay, client_loss
-                )
-                return train_stage(
-                    model,
-                    windows,
-                    config.local_steps,
-                    training_config,
-                    pixel_indices=pixels,
-                    blind=True,
-                    optimizer=optimizer,
-                    generator=torch.Generator().manual_seed(seed),
-                )
-
-            result = run_client_round(
-                model,
-                strategy,
-                broadcast,
-                client_states[cid],
-                train=local_train,
-                num_samples=len(clients[client]),
-                gradient_batches=(
-                    _gradient_batches(
-                        windows,
-                        clients[client],
-                        config.gradient_batches,
-                        training_config.batch_size,
-                        seed + 1,
-                    )
-                    if strategy.needs_gradient
-                    else None
-                ),
-                loss_fn=loss_fn,
-            )
-            uploads.append(result.upload)
-            results[cid] = result
-            losses.append(_mean_losses(result.train_output))
-        aggregated = strategy.aggregate(server_state, uploads)
-        if aggregated.backbone_update:
-            peft_bridge.add_to_base_weights(model, aggregated.backbone_update)
-        for cid in aggregated.accepted:
-            client_states[cid] = results[cid].client_state
-        server_state = aggregated.state
-        load_global()
-        metrics, _ = evaluate_gauss_model(model, windows, scene)
-        row = {
-            "round": round_index + 1,
-            **metrics,
-            "clients": selected,
-            "dropped_clients": dict(aggregated.dropped),
-            "uplink_bytes": int(sum(upload.nbytes for upload in uploads)),
-            "downlink_bytes": int(downlink),
-            "train_loss_first": float(np.mean([loss["loss_first"] for loss in losses])),
-            "train_loss_last": float(np.mean([loss["loss_last"] for loss in losses])),
-            "seconds": time.perf_counter() - round_tic,
-        }
-        history.append(row)
-        rounds.set_postfix(
-            recon=f"{row['reconstruction_rmse']:.4g}", sad=f"{row['sad_mean']:.4g}", refresh=False
-        )
+    executor = _GaussClientExecutor(model, strategy, windows, clients, config, training_config)
+    engine = RoundEngine(strategy, executor, num_clients=len(clients), clients_per_round=per_round, seed=config.seed)
+    engine.initialize(base_weights=peft_bridge.base_weights(model))
+    hooks = _UnmixingHooks(model, engine, windows, scene)
+    engine.run(config.num_rounds, hooks, show_progress=config.show_progress)
+    history = [hooks.source_row, *(hooks.rows)]
     result = _finish("federated", strategy.name, history, model, windows, scene, tic)
-    result.server_state = server_state
+    result.server_state = engine.server_state
     return result
+
+
+class _GaussClientExecutor:
+    """The engine's client executor for GAUSS: each sampled client adapts the one model with ``train_stage``
+    (the blind objective) on its own pixels, plus the strategy's client loss term."""
+
+    def __init__(self, model, strategy, windows, clients, config, training_config) -> None:
+        self.model, self.strategy, self.windows, self.clients = model, strategy, windows, clients
+        self.config, self.training_config = config, training_config
+        self.loss_fn = _blind_loss_fn(training_config)
+
+    def train_clients(self, round_index: int, tasks: Sequence[ClientTask]) -> list[ClientRecord]:
+        return [self._train(round_index, task) for task in tasks]
+
+    def apply_backbone_update(self, update: Mapping[str, LowRank]) -> None:
+        peft_bridge.add_to_base_weights(self.model, update)
+
+    def _train(self, round_index: int, task: ClientTask) -> ClientRecord:
+        pixels = self.clients[int(task.client_id)]
+        seed = _stream_seed(self.config.seed, round_index, int(task.client_id))
+        model, strategy = self.model, self.strategy
+
+        def local_train(start):
+            client_loss = None
+            if strategy.has_client_loss:
+
+                def client_loss():
+                    return strategy.client_loss(peft_bridge.live_factors(model), start)
+
+            optimizer = _ClientLossOptimizer(
+                model, self.config.learning_rate, self.training_config.weight_decay, client_loss
+            )
+            return train_stage(
+                model,
+                self.windows,
+                self.config.local_steps,
+                self.training_config,
+                pixel_indices=pixels,
+                blind=True,
+                optimizer=optimizer,
+                generator=torch.Generator().manual_seed(seed),
+            )
+
+        gradient_batches = None
+        if strategy.needs_gradient:
+            gradient_batches = _gradient_batches(
+                self.windows, pixels, strategy.gradient_batches(), self.training_config.batch_size, seed + 1
+            )
+        return run_client(
+            model,
+            strategy,
+            task,
+            train=local_train,
+            step_losses=lambda steps: [step["total"] for step in steps],
+            num_samples=len(pixels),
+            gradient_batches=gradient_batches,
+            loss_fn=self.loss_fn,
+        )
+
+
+class _UnmixingHooks(RoundHooks):
+    """Scores the global model on the whole scene after every round (and once before the first)."""
+
+    def __init__(self, model, engine: RoundEngine, windows, scene) -> None:
+        self.model, self.engine, self.windows, self.scene = model, engine, windows, scene
+        self._load_global()
+        metrics, _ = evaluate_gauss_model(model, windows, scene)
+        self.source_row = {"round": 0, **metrics, "uplink_bytes": 0, "downlink_bytes": 0}
+        self.rows: list[dict[str, Any]] = []
+        self._tic = time.perf_counter()
+
+    def _load_global(self) -> None:
+        peft_bridge.set_factors(self.model, self.engine.global_factors())
+
+    def round_metrics(self, round_index: int) -> dict[str, Any]:
+        self._load_global()
+        metrics, _ = evaluate_gauss_model(self.model, self.windows, self.scene)
+        return metrics
+
+    def record(self, row) -> None:
+        losses_first = [v for v in row["client_loss_first"].values() if v == v]
+        losses_last = [v for v in row["client_loss_last"].values() if v == v]
+        self.rows.append(
+            {
+                **row,
+                "train_loss_first": float(np.mean(losses_first)) if losses_first else float("nan"),
+                "train_loss_last": float(np.mean(losses_last)) if losses_last else float("nan"),
+                "seconds": time.perf_counter() - self._tic,
+            }
+        )
+        self._tic = time.perf_counter()
 
 
 def _finish(setting, method, history, model, windows, scene, tic) -> AdaptationResult:

@@ -8,12 +8,15 @@ from pathlib import Path
 import datasets
 import numpy as np
 import torch
-from peft import LoraConfig, get_peft_model
+from peft import get_peft_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from tiny_models import tiny_bert  # noqa: E402
 
-from peft_fed import FederatedTrainer, FederatedTrainingArguments, FedSmoothLoraConfig, SubspaceRegLoraConfig  # noqa: E402
+from peft_fed import FederatedTrainer, FederatedTrainingArguments  # noqa: E402
+from peft_fed.strategies import method_hyperparameters  # noqa: E402
+from peft_fed.strategies.hyperparameters import hyperparameter_names  # noqa: E402
+from peft_fed.tuners import peft_config_class  # noqa: E402
 
 
 def client_dataset(seed: int, n: int = 20, poison: bool = False) -> datasets.Dataset:
@@ -28,8 +31,7 @@ def client_dataset(seed: int, n: int = 20, poison: bool = False) -> datasets.Dat
 
 def peft_model(method: str, r: int = 4, seed: int = 0):
     common = dict(r=r, lora_alpha=2 * r, target_modules=["query", "value"], modules_to_save=["classifier"])
-    config = {"fedsmoothlora": FedSmoothLoraConfig, "subspace_reg": SubspaceRegLoraConfig}.get(method, LoraConfig)
-    return get_peft_model(tiny_bert(seed=seed), config(**common))
+    return get_peft_model(tiny_bert(seed=seed), peft_config_class(method)(**common))
 
 
 class PoisonTask:
@@ -55,7 +57,11 @@ def make_trainer(method: str, output_dir, num_clients: int = 4, clients=None, mo
         output_dir=str(output_dir), method=method, num_rounds=2, clients_per_round=2, local_steps=2,
         per_device_train_batch_size=4, learning_rate=1e-2, report_to="none", use_cpu=True, seed=42,
     )
-    trainer_kwargs = {k: overrides.pop(k) for k in ("task", "compute_metrics") if k in overrides}
+    trainer_kwargs = {k: overrides.pop(k) for k in ("task", "compute_metrics", "callbacks") if k in overrides}
+    # N_ga for the methods that estimate a gradient (ignored by the others, so one setting serves every method)
+    gradient_batches = overrides.pop("num_gradient_batches", None)
+    if gradient_batches is not None and "num_gradient_batches" in hyperparameter_names(method_hyperparameters(method)):
+        overrides["method_kwargs"] = {**(overrides.get("method_kwargs") or {}), "num_gradient_batches": gradient_batches}
     kwargs.update(overrides)
     trainer_kwargs.setdefault("compute_metrics", accuracy)
     return FederatedTrainer(

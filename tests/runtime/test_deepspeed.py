@@ -40,7 +40,7 @@ ZERO3 = {
 # Small on purpose: 4 clients, 2 per round, 2 rounds of 2 local steps, N_ga = 2. 20 eval samples in batches
 # of 5: with two processes the eval batches split evenly (Accelerate pads an uneven last batch with repeated
 # samples, and the Trainer's eval_loss then weights them in, which is not what is compared here).
-RUN = dict(num_clients=4, gradient_estimation_batches=2, per_device_eval_batch_size=5)
+RUN = dict(num_clients=4, num_gradient_batches=2, per_device_eval_batch_size=5)
 EXPORT_RANK = 4
 METHODS = ("fedsmoothlora", "fedit")
 ROOT = Path(__file__).resolve().parents[2]

@@ -77,22 +77,13 @@ def test_nan_client_is_dropped_and_round_completes(tmp_path):
     clients = [client_dataset(0), client_dataset(1, poison=True), client_dataset(2)]
     for method in ("fedit", "fedsmoothlora"):
         trainer = make_trainer(method, tmp_path / method, clients=clients, clients_per_round=3, task=PoisonTask())
-        with pytest.warns(UserWarning) if False else _nullcontext():
-            history = trainer.train()
+        history = trainer.train()
         for row in history:
             assert set(row["dropped_clients"]) == {"1"}
             assert row["eval_loss"] is not None and row["eval_loss"] == row["eval_loss"]  # finite global model
         # the poisoned client's state was never updated
         assert trainer.client_states["1"].last_round is None
         assert all(trainer.client_states[c].last_round == 1 for c in ("0", "2"))
-
-
-class _nullcontext:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def test_more_clients_per_round_than_clients(tmp_path):
@@ -121,7 +112,7 @@ def test_peft_config_hyperparameters_reach_the_strategy(tmp_path):
     model = peft_model("subspace_reg")
     model.peft_config["default"].mu = 0.5
     trainer = make_trainer("subspace_reg", tmp_path, model=model, method_kwargs={"beta": 0.2})
-    assert trainer.strategy.mu == 0.5 and trainer.strategy.beta == 0.2
+    assert trainer.strategy.hyperparameters.mu == 0.5 and trainer.strategy.hyperparameters.beta == 0.2
 
 
 def test_memory_of_many_clients_is_adapter_state(tmp_path):
@@ -132,9 +123,10 @@ def test_memory_of_many_clients_is_adapter_state(tmp_path):
 
     clients = [client_dataset(i, n=4) for i in range(50)]
     trainer = make_trainer("fedsmoothlora", tmp_path, clients=clients, clients_per_round=50, num_rounds=1,
-                           local_steps=1, eval_every=0, gradient_estimation_batches=1)
+                           local_steps=1, eval_every=0, num_gradient_batches=1)
     trainer.train()
     assert all(state.last_round == 0 for state in trainer.client_states.values())
+    gc.collect()  # earlier tests' trainers are unreachable cycles (trainer <-> its engine) until collected
     models = [o for o in gc.get_objects() if isinstance(o, BertForSequenceClassification)]
     assert len(models) == 1  # the one backbone every client shares
     model_bytes = sum(p.numel() * p.element_size() for p in trainer.model.parameters())

@@ -1,0 +1,23 @@
+"""The one round engine every runtime drives (no transformers import): see :mod:`peft_fed.engine.rounds`."""
+
+from .rounds import (
+    ClientExecutor,
+    ClientRecord,
+    ClientTask,
+    RoundEngine,
+    RoundHooks,
+    client_seed,
+    inter_round_loss_jumps,
+    step_loss_summary,
+)
+
+__all__ = [
+    "ClientExecutor",
+    "ClientRecord",
+    "ClientTask",
+    "RoundEngine",
+    "RoundHooks",
+    "client_seed",
+    "inter_round_loss_jumps",
+    "step_loss_summary",
+]
