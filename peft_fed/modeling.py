@@ -9,6 +9,9 @@ Offline default models are recognised by name and resolved to locally installed 
 
 A directory holding exactly one `.gguf` file (and no `config.json`), or a path to a `.gguf` file, is loaded
 through transformers' GGUF support as well.
+
+`load_initial_adapter` starts a federated run from an existing adapter (a local folder or a Hub id) by merging it
+into the loaded base model.
 """
 
 from __future__ import annotations
@@ -23,6 +26,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from huggingface_hub import snapshot_download
+from huggingface_hub.errors import (
+    HFValidationError,
+    LocalEntryNotFoundError,
+    RepositoryNotFoundError,
+    RevisionNotFoundError,
+)
+from huggingface_hub.utils import validate_repo_id
+from peft import PeftModel, PeftType
 from transformers import (
     AutoImageProcessor,
     AutoModelForCausalLM,
@@ -33,6 +45,7 @@ from transformers import (
     PreTrainedModel,
 )
 
+from . import peft_bridge
 from .data.tasks import CLASSIFICATION_TASK_TYPES, PEFT_TASK_TYPES, TASK_TYPES
 
 logger = logging.getLogger(__name__)
@@ -250,6 +263,108 @@ def load_model_and_tokenizer(
     return model, tokenizer
 
 
+# ---------------------------------------------------------------------------------------------- initial adapter
+
+
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin")
+"""The files of a PEFT adapter that `load_initial_adapter` downloads from a Hub repo."""
+
+
+def _resolve_adapter(adapter: str | os.PathLike, revision: str | None, token: str | None) -> str:
+    """A local folder holding the adapter: ``adapter`` itself, or the Hub snapshot of that repo id."""
+    local = Path(adapter)
+    if local.is_dir():
+        if not (local / "adapter_config.json").exists():
+            raise FileNotFoundError(f"{str(local)!r} is a directory but holds no adapter_config.json")
+        return str(local)
+    if local.exists():
+        raise FileNotFoundError(f"{str(local)!r} is a file; give the adapter's directory or a Hub repo id")
+    name = str(adapter)
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        raise FileNotFoundError(
+            f"adapter {name!r} is not a local directory and not a valid Hub repo id"
+        ) from None
+    try:
+        return snapshot_download(
+            repo_id=name, revision=revision, token=token, allow_patterns=list(ADAPTER_FILES)
+        )
+    except LocalEntryNotFoundError:
+        raise FileNotFoundError(
+            f"adapter {name!r} was not found locally and the Hub is unreachable (offline, or no network); "
+            "give a local adapter directory, or download it once while online"
+        ) from None
+    except RevisionNotFoundError:
+        raise FileNotFoundError(f"adapter {name!r} has no revision {revision!r} on the Hub") from None
+    except RepositoryNotFoundError:
+        raise FileNotFoundError(
+            f"adapter {name!r} is not a local directory and no Hub repo of that name is accessible "
+            "(private or gated repos need token=)"
+        ) from None
+
+
+def load_initial_adapter(
+    model: PreTrainedModel,
+    adapter: str | os.PathLike,
+    *,
+    revision: str | None = None,
+    token: str | None = None,
+    return_original_weights: bool = False,
+) -> PreTrainedModel | tuple[PreTrainedModel, dict[str, torch.Tensor]]:
+    """Start a federated run from an existing adapter: merge it into ``model`` and return the plain model.
+
+    ``adapter`` is a local adapter directory or a Hub repo id (downloaded with ``snapshot_download``; a repo
+    already in the cache also works offline). It is loaded with ``PeftModel.from_pretrained`` and merged with
+    ``merge_and_unload``, so the federated run's ``W_0`` is *base + initial adapter* (and the adapter's
+    ``modules_to_save`` heads become the model's heads). ``model`` is modified in place.
+
+    An adapter exported from such a run (with ``original_weights`` taken after this call) is relative to that
+    merged start: users load the base model, merge the initial adapter, then load the export (the model card
+    shows it when ``peft_fed.export.FederatedRunInfo.initial_adapter`` is set). To export relative to the *original* base
+    instead, pass ``return_original_weights=True`` and override the federated ``original_weights`` with the
+    returned pre-merge weights (this works when the federated adapter covers every layer the initial adapter
+    changed; :func:`peft_fed.export.export_adapter` refuses otherwise).
+
+    Returns:
+        The merged model, or ``(model, weights)`` with ``weights`` the pre-merge ``W`` (out x in) of each layer
+        the initial LoRA adapter adapted, when ``return_original_weights`` is set.
+
+    Example:
+
+    ```python
+    >>> from peft import LoraConfig, get_peft_model
+    >>> from transformers import AutoModelForSequenceClassification
+    >>> from peft_fed import peft_bridge
+    >>> from peft_fed.modeling import load_initial_adapter
+    >>> base = AutoModelForSequenceClassification.from_pretrained("bert-base-uncased", num_labels=2)  # doctest: +SKIP
+    >>> start = load_initial_adapter(base, "path/to/adapter")  # doctest: +SKIP
+    >>> model = get_peft_model(start, LoraConfig(r=8, target_modules=["query", "value"], task_type="SEQ_CLS"))  # doctest: +SKIP
+    >>> w0 = peft_bridge.base_weights(model)  # the start the export will be relative to  # doctest: +SKIP
+    ```
+    """
+    if isinstance(model, PeftModel):
+        raise TypeError(
+            "load_initial_adapter needs the plain base model, got a PeftModel; merge or unload it first"
+        )
+    adapter_dir = _resolve_adapter(adapter, revision, token)
+    peft_model = PeftModel.from_pretrained(model, adapter_dir)
+    original: dict[str, torch.Tensor] | None = None
+    if return_original_weights:
+        if peft_model.peft_config["default"].peft_type != PeftType.LORA:
+            raise ValueError(
+                f"return_original_weights needs a LoRA adapter, {str(adapter)!r} is "
+                f"{peft_model.peft_config['default'].peft_type}"
+            )
+        original = peft_bridge.base_weights(peft_model)
+    merged = peft_model.merge_and_unload()
+    logger.info("merged initial adapter %s into the base model", adapter)
+    if return_original_weights:
+        assert original is not None
+        return merged, original
+    return merged
+
+
 def _forget_gguf_quantization(model: PreTrainedModel) -> None:
     """Drop the GGUF quantizer marks transformers leaves on a model whose weights it has dequantized.
 
@@ -266,32 +381,30 @@ def _forget_gguf_quantization(model: PreTrainedModel) -> None:
         del model.config.quantization_config
 
 
-# LoRA targets per `config.model_type`: attention query and value projections, the LoRA paper's default. PEFT's
-# own table (`TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING`) is consulted for types not listed here. An entry
-# that does not match the loaded model (module names change across transformers versions, e.g. ViT's
-# query/value became q_proj/v_proj in v5) falls through to `_COMMON_TARGETS`.
-DEFAULT_TARGET_MODULES: dict[str, list[str]] = {
-    "bert": ["query", "value"],
-    "roberta": ["query", "value"],
-    "xlm-roberta": ["query", "value"],
-    "electra": ["query", "value"],
+# LoRA targets per `config.model_type`: PEFT's own table (`TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING`:
+# attention query and value projections for BERT, RoBERTa, Llama, Qwen2, GPT-2, T5, ...) with peft-fed's entries on
+# top. Only the model types PEFT has no entry for are listed here, each with the reason. An entry that does not match
+# the loaded model (module names change across transformers versions, e.g. ViT's query/value became q_proj/v_proj in
+# v5) falls through to `_COMMON_TARGETS`.
+PEFT_FED_TARGET_MODULES: dict[str, list[str]] = {
+    # Image classifiers (the `image_cls` task): PEFT has no entry for ViT/DeiT; query and value as for BERT.
     "vit": ["query", "value"],
     "deit": ["query", "value"],
+    # PEFT has no entry for DistilBERT, whose attention names its projections q_lin/k_lin/v_lin.
     "distilbert": ["q_lin", "v_lin"],
-    "deberta-v2": ["query_proj", "value_proj"],
-    "llama": ["q_proj", "v_proj"],
-    "mistral": ["q_proj", "v_proj"],
-    "qwen2": ["q_proj", "v_proj"],
-    "qwen3": ["q_proj", "v_proj"],
-    "gemma": ["q_proj", "v_proj"],
-    "gemma2": ["q_proj", "v_proj"],
+    # PEFT has no entry for Phi-3, whose attention fuses q, k and v in one projection.
     "phi3": ["qkv_proj"],
-    "opt": ["q_proj", "v_proj"],
-    "gpt2": ["c_attn"],
-    "gpt_neox": ["query_key_value"],
-    "bloom": ["query_key_value"],
-    "t5": ["q", "v"],
 }
+
+
+def _default_target_table() -> dict[str, list[str]]:
+    from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as PEFT_TARGETS
+
+    return {**{k: list(v) for k, v in PEFT_TARGETS.items()}, **PEFT_FED_TARGET_MODULES}
+
+
+DEFAULT_TARGET_MODULES: dict[str, list[str]] = _default_target_table()
+"""Default LoRA targets per `config.model_type`: PEFT's table, updated with `PEFT_FED_TARGET_MODULES`."""
 # Fallback for unknown architectures: the first pair found among common attention projection names.
 _COMMON_TARGETS: tuple[tuple[str, ...], ...] = (
     ("q_proj", "v_proj"),
@@ -319,11 +432,13 @@ _PEFT_INTERNAL_NAMES = frozenset(
 
 
 def _adaptable_layer_names(model: torch.nn.Module) -> list[str]:
-    """Last name component of every layer LoRA can adapt (Linear, Conv1D, Conv, Embedding, or already adapted)."""
+    """Last name component of every layer peft-fed can adapt (the bridge's supported layer types: ``nn.Linear``,
+    transformers' ``Conv1D``), or that is already adapted."""
     from peft.tuners.tuners_utils import BaseTunerLayer
-    from transformers.pytorch_utils import Conv1D
 
-    kinds = (torch.nn.Linear, torch.nn.Embedding, torch.nn.Conv1d, torch.nn.Conv2d, Conv1D, BaseTunerLayer)
+    from .peft_bridge import SUPPORTED_BASE_LAYERS
+
+    kinds = (*SUPPORTED_BASE_LAYERS, BaseTunerLayer)
     names = set()
     for name, module in model.named_modules():
         parts = name.split(".")
@@ -364,11 +479,6 @@ def default_target_modules(model: torch.nn.Module) -> list[str]:
     candidates: list[list[str]] = []
     if model_type in DEFAULT_TARGET_MODULES:
         candidates.append(DEFAULT_TARGET_MODULES[model_type])
-    else:
-        from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as PEFT_TARGETS
-
-        if model_type in PEFT_TARGETS:
-            candidates.append(list(PEFT_TARGETS[model_type]))
     candidates.extend(list(c) for c in _COMMON_TARGETS)
     layer_names = set(_adaptable_layer_names(base))
     for targets in candidates:

@@ -31,17 +31,22 @@ from transformers import (
     GPT2LMHeadModel,
 )
 
-import peft_fed.export as export_module
 from peft_fed import peft_bridge
 from peft_fed.export import (
+    ExportReport,
     FederatedRunInfo,
     cumulative_change,
     export_adapter,
     export_merged,
-    load_initial_adapter,
     push_to_hub,
 )
+from peft_fed.export import adapter as adapter_module
+from peft_fed.export import hub as hub_module
+from peft_fed.export import merged as merged_module
+from peft_fed.export import model_card as model_card_module
+from peft_fed.export import report as report_module
 from peft_fed.linalg import LowRank
+from peft_fed.modeling import load_initial_adapter
 
 HIDDEN = 32
 
@@ -394,7 +399,7 @@ def test_push_to_hub_uses_standard_upload(bert_dir, tmp_path):
     out = tmp_path / "to-push"
     export_adapter(model, original, out, rank=2, run_info=_run_info(bert_dir))
     assert json.dumps(str(out)) in (out / "README.md").read_text()
-    with mock.patch.object(export_module, "HfApi") as api_cls:
+    with mock.patch.object(hub_module, "HfApi") as api_cls:
         api = api_cls.return_value
         api.create_repo.return_value = RepoUrl("https://huggingface.co/me/fed-bert")
         api.upload_folder.return_value = mock.Mock(commit_url="https://huggingface.co/me/fed-bert/commit/abc")
@@ -415,6 +420,7 @@ def test_push_to_hub_uses_standard_upload(bert_dir, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------- initial adapter
+# (loading an initial adapter is tested in test_modeling.py; here: exporting a run that started from one)
 
 
 def _initial_adapter(bert_dir: str, path: Path, targets: list[str]) -> str:
@@ -425,16 +431,6 @@ def _initial_adapter(bert_dir: str, path: Path, targets: list[str]) -> str:
     _simulate_federated_run(model, merges=0, seed=11)
     model.save_pretrained(path)
     return str(path)
-
-
-def test_load_initial_adapter_from_local_dir(bert_dir, input_ids, tmp_path):
-    adapter = _initial_adapter(bert_dir, tmp_path / "initial", ["query", "value"])
-    expected = _logits(_stock_bert(bert_dir, adapter), input_ids)
-    start = load_initial_adapter(BertForSequenceClassification.from_pretrained(bert_dir).eval(), adapter)
-    assert not isinstance(start, PeftModel)
-    assert (_logits(start, input_ids) - expected).abs().max() < 1e-5
-    with pytest.raises(TypeError, match="plain base model"):
-        load_initial_adapter(get_peft_model(start, LoraConfig(target_modules=["key"])), adapter)
 
 
 def test_export_relative_to_original_base_after_initial_adapter(bert_dir, input_ids, tmp_path):
@@ -466,21 +462,6 @@ def test_export_relative_to_original_base_after_initial_adapter(bert_dir, input_
     )
     with pytest.raises(ValueError, match="not adapted in the model"):
         export_adapter(model, {**merged_start, **key_weights}, tmp_path / "bad", rank=2)
-
-
-def test_initial_adapter_hub_id_offline_is_a_clear_error(bert_dir, tmp_path, monkeypatch):
-    # offline (the autouse fixture) and an empty cache: the id cannot be resolved
-    import huggingface_hub.constants
-
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
-    base = BertForSequenceClassification.from_pretrained(bert_dir)
-    with pytest.raises(FileNotFoundError, match="not found locally and the Hub is unreachable"):
-        load_initial_adapter(base, "someone/some-lora-adapter")
-    with pytest.raises(FileNotFoundError, match="not a local directory and not a valid Hub repo id"):
-        load_initial_adapter(base, str(tmp_path / "no" / "such" / "adapter"))
-    (tmp_path / "empty").mkdir()
-    with pytest.raises(FileNotFoundError, match="no adapter_config.json"):
-        load_initial_adapter(base, str(tmp_path / "empty"))
 
 
 # ---------------------------------------------------------------------------------------------- errors
@@ -555,8 +536,9 @@ def test_docstring_examples():
         import deepspeed  # noqa: F401
     except ImportError:
         pass
-    results = doctest.testmod(export_module, optionflags=doctest.ELLIPSIS)
-    assert results.failed == 0 and results.attempted > 0
+    modules = (report_module, adapter_module, merged_module, model_card_module, hub_module)
+    results = [doctest.testmod(module, optionflags=doctest.ELLIPSIS) for module in modules]
+    assert all(r.failed == 0 for r in results) and sum(r.attempted for r in results) > 0
 
 
 # ---------------------------------------------------------------------------------------------- real model
@@ -614,10 +596,10 @@ def test_real_minilm_classifier_export(tmp_path, single_thread):
 
 
 def test_loading_snippet_is_valid_python_with_an_auto_class_fallback():
-    report = export_module.ExportReport(
+    report = ExportReport(
         output_dir="out", kind="adapter", layer_ranks={"l": 1}, layer_errors={"l": 0}
     )
     # a class transformers does not export (remote code) falls back to the task's Auto class
-    snippet = export_module._loading_snippet(report, "org/base", "MyRemoteCodeModel", "SEQ_CLS", 3)
+    snippet = model_card_module._loading_snippet(report, "org/base", "MyRemoteCodeModel", "SEQ_CLS", 3)
     assert 'AutoModelForSequenceClassification.from_pretrained("org/base", num_labels=3)' in snippet
     compile(snippet, "<card>", "exec")

@@ -7,10 +7,12 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
-from peft import LoraConfig, get_peft_model
+from peft import LoraConfig, PeftModel, get_peft_model
+from tiny_models import tiny_bert
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import (
     BertConfig,
+    BertForSequenceClassification,
     BertModel,
     DistilBertConfig,
     DistilBertForSequenceClassification,
@@ -30,6 +32,7 @@ from peft_fed.modeling import (
     check_target_modules,
     default_modules_to_save,
     default_target_modules,
+    load_initial_adapter,
     load_model_and_tokenizer,
     peft_task_type,
     resolve_model_source,
@@ -182,6 +185,29 @@ class TestTargetModules:
         assert default_modules_to_save(model, task) == head
         check_target_modules(model, targets)
 
+    # The table before it was based on PEFT's mapping: every model type keeps exactly these default targets.
+    PREVIOUS_TABLE = {
+        "bert": ["query", "value"], "roberta": ["query", "value"], "xlm-roberta": ["query", "value"],
+        "electra": ["query", "value"], "vit": ["query", "value"], "deit": ["query", "value"],
+        "distilbert": ["q_lin", "v_lin"], "deberta-v2": ["query_proj", "value_proj"], "llama": ["q_proj", "v_proj"],
+        "mistral": ["q_proj", "v_proj"], "qwen2": ["q_proj", "v_proj"], "qwen3": ["q_proj", "v_proj"],
+        "gemma": ["q_proj", "v_proj"], "gemma2": ["q_proj", "v_proj"], "phi3": ["qkv_proj"],
+        "opt": ["q_proj", "v_proj"], "gpt2": ["c_attn"], "gpt_neox": ["query_key_value"],
+        "bloom": ["query_key_value"], "t5": ["q", "v"],
+    }  # fmt: skip
+
+    def test_table_is_peft_mapping_plus_own_entries(self):
+        from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as PEFT_TARGETS
+
+        for model_type, targets in self.PREVIOUS_TABLE.items():
+            assert modeling.DEFAULT_TARGET_MODULES[model_type] == targets, model_type
+        for model_type, targets in PEFT_TARGETS.items():
+            if model_type not in modeling.PEFT_FED_TARGET_MODULES:
+                assert modeling.DEFAULT_TARGET_MODULES[model_type] == list(targets), model_type
+        # peft-fed keeps an entry only where PEFT has none or a different one
+        for model_type, targets in modeling.PEFT_FED_TARGET_MODULES.items():
+            assert list(PEFT_TARGETS.get(model_type, [])) != targets, model_type
+
     def test_unknown_architecture_uses_common_names(self):
         model = RobertaForMultipleChoice(RobertaConfig(vocab_size=50, **SMALL))
         model.config.model_type = "my-roberta-fork"
@@ -233,3 +259,59 @@ def test_real_minilm_mc_encoder(caplog):
     assert any(".query.lora_A." in n for n in trainable) and any(".value.lora_B." in n for n in trainable)
     assert any("classifier.modules_to_save" in n for n in trainable)
     assert not any("key" in n or "word_embeddings" in n for n in trainable)
+
+
+# ---------------------------------------------------------------------------------------------- initial adapter
+
+
+@pytest.fixture(scope="module")
+def seq_cls_dir(tmp_path_factory) -> str:
+    path = tmp_path_factory.mktemp("bert-seq-cls")
+    tiny_bert(num_labels=2).save_pretrained(path)
+    return str(path)
+
+
+def _saved_adapter(base_dir: str, path: Path) -> str:
+    torch.manual_seed(1)
+    config = LoraConfig(
+        r=2, target_modules=["query", "value"], task_type="SEQ_CLS", init_lora_weights=False
+    )  # random B as well as A: the adapter changes the model
+    get_peft_model(BertForSequenceClassification.from_pretrained(base_dir), config).save_pretrained(path)
+    return str(path)
+
+
+@torch.no_grad()
+def _logits(model) -> torch.Tensor:
+    input_ids = torch.randint(0, 99, (3, 9), generator=torch.Generator().manual_seed(7))
+    return model.eval()(input_ids=input_ids).logits
+
+
+def test_load_initial_adapter_from_local_dir(seq_cls_dir, tmp_path):
+    adapter = _saved_adapter(seq_cls_dir, tmp_path / "initial")
+    expected = _logits(PeftModel.from_pretrained(BertForSequenceClassification.from_pretrained(seq_cls_dir), adapter))
+    assert not torch.allclose(expected, _logits(BertForSequenceClassification.from_pretrained(seq_cls_dir)))
+    start = load_initial_adapter(BertForSequenceClassification.from_pretrained(seq_cls_dir), adapter)
+    assert not isinstance(start, PeftModel)
+    assert (_logits(start) - expected).abs().max() < 1e-5
+    with pytest.raises(TypeError, match="plain base model"):
+        load_initial_adapter(get_peft_model(start, LoraConfig(target_modules=["key"])), adapter)
+    start, pre_merge = load_initial_adapter(
+        BertForSequenceClassification.from_pretrained(seq_cls_dir), adapter, return_original_weights=True
+    )
+    assert sorted(pre_merge) == [f"bert.encoder.layer.{i}.attention.self.{p}" for i in range(2) for p in ("query", "value")]
+
+
+def test_initial_adapter_hub_id_offline_is_a_clear_error(seq_cls_dir, tmp_path, monkeypatch):
+    import huggingface_hub.constants
+
+    # offline and an empty cache: the id cannot be resolved
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    base = BertForSequenceClassification.from_pretrained(seq_cls_dir)
+    with pytest.raises(FileNotFoundError, match="not found locally and the Hub is unreachable"):
+        load_initial_adapter(base, "someone/some-lora-adapter")
+    with pytest.raises(FileNotFoundError, match="not a local directory and not a valid Hub repo id"):
+        load_initial_adapter(base, str(tmp_path / "no" / "such" / "adapter"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no adapter_config.json"):
+        load_initial_adapter(base, str(tmp_path / "empty"))

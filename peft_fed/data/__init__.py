@@ -1,6 +1,12 @@
 """Federated data for peft-fed: datasets, client partitioning and task definitions."""
 
-from .hellaswag import HELLASWAG_HUB_ID, clean_hellaswag_text, load_hellaswag, normalize_hellaswag
+from .hellaswag import (
+    HELLASWAG_FEATURES,
+    HELLASWAG_HUB_ID,
+    clean_hellaswag_text,
+    load_hellaswag,
+    normalize_hellaswag,
+)
 from .hub import CIFAR100_HUB_ID, METAMATHQA_HUB_ID, load_cifar100, load_metamathqa
 from .partition import (
     PARTITION_SCHEMES,
@@ -16,12 +22,10 @@ from .tasks import (
     IGNORE_INDEX,
     PEFT_TASK_TYPES,
     TASK_TYPES,
-    TaskCollator,
     TaskSpec,
     multiple_choice_scores,
 )
 from .wordnet import (
-    HELLASWAG_FEATURES,
     Synset,
     build_wordnet_define,
     build_wordnet_mc,
@@ -43,7 +47,6 @@ __all__ = [
     "PEFT_TASK_TYPES",
     "TASK_TYPES",
     "Synset",
-    "TaskCollator",
     "TaskDatasetInfo",
     "TaskSpec",
     "available_datasets",

@@ -15,11 +15,25 @@ import re
 import datasets
 
 from .hub import load_raw_dataset
-from .wordnet import HELLASWAG_FEATURES
 
 logger = logging.getLogger(__name__)
 
 HELLASWAG_HUB_ID = "Rowan/hellaswag"
+HELLASWAG_FEATURES = datasets.Features(
+    {
+        "ind": datasets.Value("int64"),
+        "activity_label": datasets.Value("string"),
+        "ctx_a": datasets.Value("string"),
+        "ctx_b": datasets.Value("string"),
+        "ctx": datasets.Value("string"),
+        "endings": datasets.Sequence(datasets.Value("string")),
+        "source_id": datasets.Value("string"),
+        "split": datasets.Value("string"),
+        "split_type": datasets.Value("string"),
+        "label": datasets.Value("int64"),
+    }
+)
+"""Normalised HellaSwag schema: the Hub columns of `Rowan/hellaswag`, with `label` as an integer."""
 HELLASWAG_COLUMNS: tuple[str, ...] = tuple(HELLASWAG_FEATURES)
 _EVAL_SPLIT_NAMES = ("validation", "val", "eval", "dev")
 _LOCAL_FORMATS = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}

@@ -6,10 +6,14 @@ import datasets
 import pytest
 import torch
 
-from peft_fed.data.hellaswag import clean_hellaswag_text, load_hellaswag, normalize_hellaswag
+from peft_fed.data.hellaswag import (
+    HELLASWAG_FEATURES,
+    clean_hellaswag_text,
+    load_hellaswag,
+    normalize_hellaswag,
+)
 from peft_fed.data.registry import load_task_dataset
 from peft_fed.data.tasks import TaskSpec
-from peft_fed.data.wordnet import HELLASWAG_FEATURES
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,8 @@ import torch.nn.functional as F
 from peft import LoraConfig, get_peft_model
 from transformers import BertConfig, BertForSequenceClassification, EvalPrediction
 
-from peft_fed.data.tasks import IGNORE_INDEX, TaskCollator, TaskSpec, multiple_choice_scores
+from peft_fed.data.tasks import IGNORE_INDEX, TASK_CLASSES, TASK_TYPES, TaskSpec, multiple_choice_scores
+from peft_fed.data.tasks.base import register_task
 
 MC_ROWS = {
     "ctx": ["A woman fills a kettle. She", 'The noun "oak" means', "A man opens the door and", ""],
@@ -258,9 +259,34 @@ class TestValidation:
         with pytest.raises(ValueError, match=r"\[3\] endings.*num_choices=4"):
             TaskSpec("mc_causal").preprocess(raw, decoder_tokenizer)
 
-    def test_collator_rejects_unknown_task(self):
-        with pytest.raises(ValueError, match="Unknown task_type"):
-            TaskCollator(task_type="qa", pad_token_id=0)
+    def test_unknown_task_type(self):
+        with pytest.raises(ValueError, match="Unknown task_type 'qa'"):
+            TaskSpec("qa")
+
+
+def test_one_class_per_task_type():
+    assert TASK_TYPES == ("seq_cls", "mc_encoder", "mc_causal", "causal_lm", "image_cls")
+    for name, cls in TASK_CLASSES.items():
+        spec = TaskSpec(name, num_labels=2)
+        assert type(spec) is cls and isinstance(spec, TaskSpec) and spec.task_type == name
+        assert type(cls(task_type=name, num_labels=2)) is cls
+    with pytest.raises(ValueError, match="is the task type 'seq_cls', got task_type='causal_lm'"):
+        TASK_CLASSES["seq_cls"](task_type="causal_lm")
+
+
+def test_adding_a_task_type_is_one_class(monkeypatch):
+    monkeypatch.setattr("peft_fed.data.tasks.base.TASK_CLASSES", dict(TASK_CLASSES))
+
+    @register_task("token_count")
+    class TokenCountTask(TaskSpec):
+        @property
+        def required_columns(self) -> list[str]:
+            return [self.text_column]
+
+    spec = TaskSpec("token_count")
+    assert type(spec) is TokenCountTask and not spec.is_multiple_choice and spec.peft_task_type is None
+    with pytest.raises(ValueError, match="already registered"):
+        register_task("token_count")(TokenCountTask)
 
 
 @pytest.mark.parametrize("task_type", ["mc_causal", "causal_lm"])
@@ -351,3 +377,22 @@ def test_image_cls_resizes_on_the_fly_and_stacks_batches():
     assert batch["pixel_values"].shape == (4, 3, 16, 16) and batch["labels"].tolist() == [0, 1, 2, 0]
     expected = processor(_image_dataset()[4]["img"], return_tensors="pt")["pixel_values"][0]
     assert torch.equal(batch["pixel_values"][0], data[0]["pixel_values"]) and torch.allclose(row["pixel_values"], expected)
+
+
+def test_accuracy_metric_loads_offline_from_the_package(tmp_path):
+    """The `evaluate` accuracy script ships in the package: it loads with the Hub off and an empty module cache."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import numpy as np, torch\n"
+        "from peft_fed.data.tasks import TaskSpec\n"
+        "spec = TaskSpec('seq_cls', num_labels=3)\n"
+        "logits = torch.tensor([[0., 1, 0], [2, 0, 0], [0, 0, 1], [1, 0, 0]])\n"
+        "print(spec.accuracy(logits, np.array([1, 0, 0, 0])))\n"
+    )
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"), "HF_MODULES_CACHE": str(tmp_path / "m")}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == "0.75"

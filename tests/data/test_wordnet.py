@@ -5,8 +5,8 @@ from collections import Counter
 import datasets
 import pytest
 
+from peft_fed.data.hellaswag import HELLASWAG_FEATURES
 from peft_fed.data.wordnet import (
-    HELLASWAG_FEATURES,
     WORDNET_LEXNAMES,
     build_wordnet_define,
     build_wordnet_mc,
