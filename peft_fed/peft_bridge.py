@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 import torch
 from peft.tuners.lora import LoraLayer
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 from .linalg import LowRank
 from .state import LayerSpec
@@ -34,13 +35,50 @@ def _strip_prefix(name: str) -> str:
     return name[len(_PEFT_PREFIX) :] if name.startswith(_PEFT_PREFIX) else name
 
 
+SUPPORTED_BASE_LAYERS: tuple[type[nn.Module], ...] = (nn.Linear, Conv1D)
+"""Base layer types whose LoRA factors the bridge can read and write: ``lora_A``/``lora_B`` are ``r x n`` and
+``m x r`` matrices and ``W`` is one ``m x n`` matrix (stored transposed by ``Conv1D``). PEFT's LoRA for
+``nn.Embedding`` keeps its factors in ``lora_embedding_A/B`` and its Conv layers keep kernel-shaped factors,
+which the strategies cannot average or factorise. Quantized linear layers that subclass ``nn.Linear`` count."""
+
+SUPPORTED_LAYERS_TEXT = "torch.nn.Linear and transformers' Conv1D"
+
+
+def unsupported_layers_error(layers: Iterable[tuple[str, str]], context: str) -> ValueError:
+    """The one error for targeted layers of a type the bridge cannot handle, ``layers`` as ``(name, type)``."""
+    listed = "\n".join(f"  - {name} ({layer_type})" for name, layer_type in layers)
+    return ValueError(
+        f"{context}: peft-fed supports LoRA only on {SUPPORTED_LAYERS_TEXT} layers, but these targeted layers "
+        f"are of other types:\n{listed}\nPEFT's LoRA for Embedding and Conv layers (lora_embedding_A/B, "
+        "kernel-shaped factors) cannot be averaged or factorised by the federated strategies. Leave these "
+        "layers out with `exclude_modules` or narrow `target_modules`."
+    )
+
+
+def _carries_adapter(module: LoraLayer, adapter_name: str) -> bool:
+    return any(
+        adapter_name in (getattr(module, attr, None) or {})
+        for attr in ("lora_A", "lora_embedding_A", "lora_B", "lora_embedding_B")
+    )
+
+
 def lora_layers(model: nn.Module, adapter_name: str = "default") -> dict[str, LoraLayer]:
-    """Every LoRA layer of ``model`` that carries ``adapter_name``, keyed by its base-model module name."""
-    layers = {
-        _strip_prefix(name): module
-        for name, module in model.named_modules()
-        if isinstance(module, LoraLayer) and adapter_name in getattr(module, "lora_A", {})
-    }
+    """Every LoRA layer of ``model`` that carries ``adapter_name``, keyed by its base-model module name.
+
+    Raises ``ValueError`` if any of them wraps a layer type the bridge cannot handle (see
+    :data:`SUPPORTED_BASE_LAYERS`), so every bridge function refuses such a model before training.
+    """
+    layers, unsupported = {}, []
+    for name, module in model.named_modules():
+        if not (isinstance(module, LoraLayer) and _carries_adapter(module, adapter_name)):
+            continue
+        base = module.get_base_layer()
+        if isinstance(base, SUPPORTED_BASE_LAYERS) and adapter_name in getattr(module, "lora_A", {}):
+            layers[_strip_prefix(name)] = module
+        else:
+            unsupported.append((_strip_prefix(name), type(base).__name__))
+    if unsupported:
+        raise unsupported_layers_error(unsupported, f"adapter {adapter_name!r}")
     if not layers:
         raise ValueError(
             f"the model has no LoRA layer with adapter {adapter_name!r}; wrap it with "

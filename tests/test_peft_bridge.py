@@ -107,3 +107,34 @@ def test_model_without_lora_is_a_clear_error():
 
     with pytest.raises(ValueError, match="get_peft_model"):
         peft_bridge.layer_specs(tiny_bert())
+
+
+@pytest.mark.parametrize(
+    ("targets", "listed"),
+    [(["conv"], ["conv (Conv2d)"]), (["emb"], ["emb (Embedding)"]), (["fc", "emb", "conv"], ["emb (Embedding)", "conv (Conv2d)"])],
+)
+def test_plain_lora_on_embedding_or_conv_is_refused(targets, listed):
+    """PEFT itself adapts Embedding and Conv layers; every bridge entry point refuses them with one clear error,
+    so a plain-LoRA run fails before training (instead of crashing in set_factors, or averaging
+    lora_embedding_A/B as if they were heads)."""
+    from peft import LoraConfig, get_peft_model
+    from torch import nn
+
+    class Mixed(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb = nn.Embedding(10, 16)
+            self.conv = nn.Conv2d(3, 16, 3)
+            self.fc = nn.Linear(16, 16)
+
+    model = get_peft_model(Mixed(), LoraConfig(r=2, target_modules=targets))
+    for call in (peft_bridge.layer_specs, peft_bridge.get_factors, peft_bridge.base_weights):
+        with pytest.raises(ValueError) as info:
+            call(model)
+        message = str(info.value)
+        assert "supports LoRA only on torch.nn.Linear and transformers' Conv1D layers" in message
+        assert all(f"  - {entry}" in message for entry in listed)
+        assert "fc (" not in message
+    # What the strategies would otherwise have averaged as trainable "extras".
+    if "emb" in targets:
+        assert any("lora_embedding_A" in name for name in peft_bridge.trainable_extra_names(model))

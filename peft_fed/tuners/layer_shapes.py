@@ -12,16 +12,17 @@ exactly the layers ``get_peft_model`` adapts.
 from __future__ import annotations
 
 import copy
-import math
 import re
 from dataclasses import dataclass
 
 from peft import LoraConfig, PeftModel
 from peft.tuners.lora import LoraModel
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, check_target_module_exists
-from peft.utils import INCLUDE_LINEAR_LAYERS_SHORTHAND
+from peft.utils import INCLUDE_LINEAR_LAYERS_SHORTHAND, TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 from torch import nn
 from transformers.pytorch_utils import Conv1D
+
+from ..peft_bridge import SUPPORTED_BASE_LAYERS, unsupported_layers_error
 
 try:
     from peft.utils.other import get_pattern_key
@@ -59,24 +60,21 @@ class AdaptedLayerShape:
 
 
 def _matrix_shape(layer: nn.Module) -> tuple[int, int] | None:
-    """``(m, n)`` of the matrix LoRA adapts in ``layer``, or ``None`` for a layer type we cannot read.
+    """``(m, n)`` of the matrix LoRA adapts in ``layer``, or ``None`` for a layer type peft-fed cannot handle.
 
-    transformers' ``Conv1D`` stores its weight as ``(in, out)`` (``fan_in_fan_out``); PEFT forces
+    Only the types ``peft_bridge`` reads and writes (``SUPPORTED_BASE_LAYERS``: ``nn.Linear``, quantized
+    subclasses included, and transformers' ``Conv1D``) have a shape here; an ``nn.Embedding`` or Conv target is
+    refused up front rather than failing in ``set_factors`` or having its ``lora_embedding_A/B`` averaged like
+    a head. transformers' ``Conv1D`` stores its weight as ``(in, out)`` (``fan_in_fan_out``); PEFT forces
     ``fan_in_fan_out=True`` for it and ``False`` for ``nn.Linear`` whatever the config says, so the orientation
     follows the layer type, not the flag. Reading ``nf``/``nx`` and ``in/out_features`` instead of
     ``weight.shape`` also keeps quantized layers (packed weights) right.
     """
+    if not isinstance(layer, SUPPORTED_BASE_LAYERS):
+        return None
     if isinstance(layer, Conv1D):
         return layer.nf, layer.nx
-    if isinstance(layer, nn.Linear):
-        return layer.out_features, layer.in_features
-    if isinstance(layer, nn.Embedding):
-        # PEFT's LoRA embedding: lora_embedding_A is r x num_embeddings, lora_embedding_B is embedding_dim x r.
-        return layer.embedding_dim, layer.num_embeddings
-    if isinstance(layer, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
-        # delta W has the weight's shape (out, in/groups, *kernel), i.e. an out x (in/groups * prod(kernel)) matrix.
-        return layer.out_channels, layer.in_channels // layer.groups * math.prod(layer.kernel_size)
-    return None
+    return layer.out_features, layer.in_features
 
 
 def _base_module(model: nn.Module) -> nn.Module:
@@ -102,7 +100,12 @@ def _resolve_targets(config: LoraConfig, model: nn.Module) -> LoraConfig:
         model_type = getattr(model_config, "model_type", None)
         if model_type is None and isinstance(model_config, dict):
             model_type = model_config.get("model_type")
-        defaults = LoraModel.target_module_mapping.get(model_type)
+        # LoraModel.target_module_mapping in newer PEFT (not yet in 0.16); the module-level mapping it points to.
+        mapping = (
+            getattr(LoraModel, "target_module_mapping", None)
+            or TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+        )
+        defaults = mapping.get(model_type)
         if defaults is None:
             raise ValueError(
                 f"No default LoRA target modules are known for model type {model_type!r}: please specify "
@@ -131,7 +134,7 @@ def find_adapted_layers(
 
     Returns:
         ``(layers, unsupported)``: ``layers`` in module order; ``unsupported`` as ``(name, layer type)`` for
-        targeted layers whose weight matrix shape we cannot determine.
+        targeted layers of a type peft-fed cannot handle (anything but ``nn.Linear`` and ``Conv1D``).
     """
     model = _base_module(model)
     resolved = _resolve_targets(config, model)
@@ -172,6 +175,9 @@ def check_ranks_fit(
 ) -> list[AdaptedLayerShape]:
     """Raise a ``ValueError`` naming every adapted layer with ``rank_multiplier * r > min(m, n)``.
 
+    First, one ``ValueError`` naming every targeted layer of a type peft-fed cannot handle (see
+    ``peft_bridge.SUPPORTED_BASE_LAYERS``).
+
     Args:
         rank_multiplier: 2 for FedSmoothLoRA (``2r <= min(m, n)``), 1 for Subspace-Reg.
         method: the method's name, for the message.
@@ -182,12 +188,7 @@ def check_ranks_fit(
     """
     layers, unsupported = find_adapted_layers(config, model)
     if unsupported:
-        listed = "\n".join(f"  - {name} ({layer_type})" for name, layer_type in unsupported)
-        raise ValueError(
-            f"{method} needs the weight matrix of every adapted layer, but these targeted layers are of types "
-            f"it cannot read (supported: nn.Linear, transformers Conv1D, nn.Embedding, nn.Conv1d/2d/3d):\n"
-            f"{listed}\nExclude them with `exclude_modules` or narrow `target_modules`."
-        )
+        raise unsupported_layers_error(unsupported, method)
 
     k = rank_multiplier
     bound = "r" if k == 1 else f"{k}r"

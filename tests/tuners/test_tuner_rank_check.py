@@ -84,8 +84,8 @@ def test_layer_too_small_for_any_rank_and_unsupported_types():
         validate_fedsmooth_ranks(FedSmoothLoraConfig(r=1, target_modules=["0"]), model)
     with pytest.raises(ValueError, match=r"norm \(LayerNorm\)"):
         validate_fedsmooth_ranks(FedSmoothLoraConfig(r=1, target_modules=["norm"]), TwoLinear())
-    embedding = find_adapted_layers(LoraConfig(r=2, target_modules=["emb"]), TwoLinear())[0][0]
-    assert (embedding.out_features, embedding.in_features) == (64, 10)
+    # Embedding (and Conv) layers are not read as matrices: the bridge cannot handle them (test_tuner_layer_types).
+    assert find_adapted_layers(LoraConfig(r=2, target_modules=["emb"]), TwoLinear()) == ([], [("emb", "Embedding")])
 
 
 def test_gpt2_conv1d_uses_out_by_in_orientation(make_gpt2):
