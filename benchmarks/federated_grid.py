@@ -45,7 +45,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-# name -> (method, method_kwargs): every method of the library, plus Subspace-Reg's regulariser ablation.
+# name -> (method, hyperparameters): every method of the library, plus Subspace-Reg's regulariser ablation.
 VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "fedit": ("fedit", {}),
     "ffa_lora": ("ffa_lora", {}),
@@ -65,12 +65,12 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
 PRESETS: dict[str, dict[str, Any]] = {
     "minilm": dict(
         model="all-MiniLM-L6-v2", dataset="wordnet_mc", task_type="mc_encoder", num_clients=10,
-        clients_per_round=3, num_rounds=20, local_steps=4, batch_size=8, r=8, lora_alpha=16,
+        clients_per_round=3, num_rounds=20, local_steps=4, per_device_train_batch_size=8, r=8, lora_alpha=16,
         lora_dropout=0.05, learning_rate=1e-3, max_length=48, max_eval_samples=200, eval_every=1,
     ),
     "smollm2": dict(
         model="SmolLM2-135M-Instruct", dataset="wordnet_mc", task_type="mc_causal", num_clients=10,
-        clients_per_round=3, num_rounds=20, local_steps=4, batch_size=4, gradient_accumulation_steps=2,
+        clients_per_round=3, num_rounds=20, local_steps=4, per_device_train_batch_size=4, gradient_accumulation_steps=2,
         r=8, lora_alpha=16, lora_dropout=0.05, learning_rate=5e-4, max_length=64, max_eval_samples=120,
         eval_every=1,
     ),
@@ -111,16 +111,11 @@ def run_grid(args: argparse.Namespace, settings: dict[str, Any]) -> None:
         kwargs = dict(kwargs)
         if method == "subspace_reg":
             kwargs.setdefault("clip_norm", CLIP_NORM[settings["model"]])
-        config = FederatedRunConfig(
-            **settings,
-            method=method,
-            method_kwargs=kwargs,
-            partition="dirichlet",
-            dirichlet_alpha=alpha,
-            seed=seed,
-            output_dir=str(out),
-            export_rank=settings["r"],
-        )
+        # flat settings, as in a YAML run file: the method's hyperparameters are top-level keys
+        config = FederatedRunConfig.from_dict({
+            **settings, **kwargs, "method": method, "partition": "dirichlet", "dirichlet_alpha": alpha,
+            "seed": seed, "output_dir": str(out), "export_rank": settings["r"],
+        })  # fmt: skip
         started = time.perf_counter()
         print(f"[{position + 1}/{len(jobs)}] alpha={alpha:g} {variant} seed={seed}", flush=True)
         run_federated(config)

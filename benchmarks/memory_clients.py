@@ -29,11 +29,11 @@ def main() -> None:
 
     from peft_fed.runtime.pipeline import FederatedRunConfig, run_federated
 
-    config = FederatedRunConfig(
+    config = FederatedRunConfig.from_dict(dict(
         num_clients=args.num_clients, clients_per_round=args.num_clients, num_rounds=1, local_steps=1,
-        batch_size=2, max_length=32, max_eval_samples=16, partition="iid", method="fedsmoothlora",
-        method_kwargs={"num_gradient_batches": 1}, output_dir=args.output_dir,
-    )
+        per_device_train_batch_size=2, max_length=32, max_eval_samples=16, partition="iid", method="fedsmoothlora",
+        num_gradient_batches=1, output_dir=args.output_dir,
+    ))  # fmt: skip
     rss_before = peak_rss_bytes()
     started = time.perf_counter()
     captured = {}

@@ -3,7 +3,8 @@
     python examples/fed_train.py                       # offline default: MiniLM, WordNet MC, 10 clients, FedSmoothLoRA
     python examples/fed_train.py --method fedit --num_rounds 20 --output_dir runs/fedit
     accelerate launch --num_processes 2 examples/fed_train.py --method fedsmoothlora
-    python examples/fed_train.py --config examples/configs/wordnet_mc_minilm.yaml
+    python examples/fed_train.py --config examples/configs/wordnet_mc_minilm.yaml --zeta_schedule cosine
+    python examples/fed_train.py --help                # every flag (run settings, hyperparameters, TrainingArguments)
 """
 
 import sys

@@ -2,20 +2,32 @@
 
     peft-fed train                                   # the offline default run
     peft-fed train --config examples/configs/wordnet_mc_minilm.yaml --method fedit --num_rounds 20
+    peft-fed train --method subspace_reg --mu 0.1 --clip_norm 25 --learning_rate 5e-4 --optim sgd
     peft-fed compare --methods fedit fedsmoothlora --seeds 42 43 --output_dir runs/compare
     peft-fed export --run_dir runs/default --max_error 0.01 --output_dir runs/default/export-r
     peft-fed plot runs/fedit runs/fedsmoothlora --output convergence.png
     peft-fed unmix --data path/to/samson --method gauss --output_dir runs/unmix
 
-Flags override the YAML given to ``--config``; both take the settings of
-:class:`peft_fed.runtime.pipeline.FederatedRunConfig`.
+The flags of ``train`` and ``compare`` are the fields of the run's argument dataclasses, as in transformers'
+example scripts: :mod:`peft_fed.runtime.run_arguments` (model, data, LoRA, federation, export), the method's
+hyperparameters (``--zeta``, ``--mu``...: the fields of ``peft_fed.strategies.method_hyperparameters``) and
+every ``transformers.TrainingArguments`` field (``--learning_rate``, ``--per_device_train_batch_size``,
+``--optim``, ``--bf16``...) through :class:`~peft_fed.FederatedTrainingArguments`. A YAML file given to
+``--config`` uses the same keys; flags override it.
+
+Parsing happens in two steps so that ``--help`` and mistakes answer in a moment: the run's own settings and
+the hyperparameters are parsed and validated without transformers (torch only, for the method registry); the
+remaining ``TrainingArguments`` flags go to ``HfArgumentParser`` once transformers is imported. Every error
+the command line can detect before a model loads is one ``error: ...`` line on stderr and exit status 2.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
+import contextlib
 import json
+import logging
+import os
 import sys
 import types
 import typing
@@ -23,62 +35,224 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from . import __version__
 
-def _field_type(hint: Any) -> tuple[Any, bool]:
-    """The scalar type behind ``X | None`` and whether the field is a list."""
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical", "passive")
+# keys of the fast parser's namespace that are not run settings
+_COMMAND_KEYS = frozenset({"command", "handler", "config", "methods", "seeds", "help_training"})
+_TRAINING_EPILOG = (
+    "Every transformers.TrainingArguments field is a flag too (the local training of each client), e.g. "
+    "--learning_rate 5e-4 --per_device_train_batch_size 16 --gradient_accumulation_steps 2 --optim sgd "
+    "--optim_args momentum=0.9 --weight_decay 0.01 --seed 1 --output_dir runs/x --bf16 --gradient_checkpointing "
+    "--deepspeed ds.json --report_to tensorboard; --help_training lists them all (slower: loads transformers). "
+    "Defaults: those of peft_fed.FederatedTrainingArguments (learning_rate 1e-3, batch 8, eval batch 32, constant "
+    "local schedule, output_dir runs/default, seed 42)."
+)
+
+
+class CliError(Exception):
+    """A mistake in the command line: printed as one ``error:`` line, exit status 2."""
+
+
+@contextlib.contextmanager
+def settings_errors():
+    """Turn the ``ValueError`` of a settings check into a :class:`CliError` (one line, exit 2); errors of the
+    training itself keep their traceback."""
+    try:
+        yield
+    except ValueError as error:
+        raise CliError(str(error).splitlines()[0] if str(error) else repr(error)) from None
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # argparse prints usage + message and exits; we want one line
+        raise CliError(message)
+
+
+# ---------------------------------------------------------------------------------------------- run flags
+
+
+def _flag_kwargs(hint: Any) -> dict[str, Any]:
+    """argparse keywords for a field of type ``hint``; values stay strings (``coerce`` converts them, for flags
+    and YAML alike), Literal fields get ``choices``."""
     origin = typing.get_origin(hint)
     if origin in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(hint) if a is not type(None)]
-        return _field_type(args[0])
-    if origin is list:
-        return typing.get_args(hint)[0], True
-    return hint, False
+        kwargs = _flag_kwargs(args[0]) if len(args) == 1 else {}
+        if "choices" in kwargs:
+            kwargs["choices"] = [*kwargs["choices"], "none"]
+        return kwargs
+    if origin is typing.Literal:
+        return {"choices": list(typing.get_args(hint))}
+    if hint is bool:
+        return {"nargs": "?", "const": "true", "metavar": "{true,false}"}
+    if origin is list or hint is list:
+        return {"nargs": "+"}
+    if origin is dict or hint is dict:
+        return {"metavar": "JSON"}
+    return {}
+
+
+def _default_text(value: Any) -> str:
+    return json.dumps(value) if isinstance(value, (dict, list)) else str(value)
 
 
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:
-    """One flag per :class:`FederatedRunConfig` field; unset flags stay ``None`` so YAML values survive."""
+    """The run's flags, one per field of the run's argument dataclasses and per method hyperparameter.
+
+    Unset flags stay out of the namespace (``argparse.SUPPRESS``), so a YAML value survives unless a flag is
+    given. ``TrainingArguments`` flags are left for :func:`parse_training_flags`.
+    """
+    import dataclasses
+
+    from .runtime.run_arguments import (
+        ARGUMENT_GROUPS,
+        PYTHON_ONLY_SETTINGS,
+        field_hints,
+        method_hyperparameter_arguments,
+        method_hyperparameter_fields,
+    )
+    from .strategies import STRATEGIES
+    from .strategies.registry import ALIASES
+
+    parser.add_argument("--config", help="YAML file of settings (the keys are these flags' names); flags override it.")
+    parser.add_argument("--log_level", choices=LOG_LEVELS, default=argparse.SUPPRESS,
+                        help="Log level of peft_fed, transformers and datasets (default: passive = warnings).")
+    parser.add_argument("--help_training", action=_TrainingHelp, nargs=0,
+                        help="List every TrainingArguments flag (loads transformers) and exit.")
+    # the Python API's spelling of the hyperparameters: accepted here only to be refused with a clear message
+    parser.add_argument("--method_kwargs", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    titles = {"model": "model", "data": "data and partition", "lora": "LoRA", "federation": "federation",
+              "export": "export of OUTPUT_DIR/final"}  # fmt: skip
+    for group_name, cls in ARGUMENT_GROUPS.items():
+        group = parser.add_argument_group(titles[group_name])
+        hints = field_hints(cls)
+        for f in dataclasses.fields(cls):
+            if f.name in PYTHON_ONLY_SETTINGS:
+                continue
+            kwargs = _flag_kwargs(hints[f.name])
+            if f.name == "method":
+                kwargs["choices"] = [*STRATEGIES, *sorted(ALIASES)]
+                kwargs["metavar"] = "METHOD"
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+            help_text = f.metadata.get("help", "")
+            if f.name == "method":
+                help_text += f" One of {', '.join(STRATEGIES)} (aliases: {', '.join(f'{a}={c}' for a, c in sorted(ALIASES.items()))})."
+            if "default" not in help_text.lower():
+                help_text += f" (default: {_default_text(default)})"
+            group.add_argument(f"--{f.name}", default=argparse.SUPPRESS, help=help_text, **kwargs)
+    hyper = parser.add_argument_group(
+        "method hyperparameters", "Each is taken by the methods in brackets; giving one the method does not take is an error."
+    )
+    union = method_hyperparameter_fields()  # the methods' own types (the union dataclass makes each Optional)
+    for f in dataclasses.fields(method_hyperparameter_arguments()):
+        hyper.add_argument(f"--{f.name}", default=argparse.SUPPRESS, help=f.metadata["help"],
+                           **_flag_kwargs(union[f.name].hint))  # fmt: skip
+
+
+class _TrainingHelp(argparse.Action):
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(_training_parser().format_help())
+        parser.exit()
+
+
+def _training_parser():
+    """``HfArgumentParser`` over :class:`FederatedTrainingArguments`, defaults suppressed (only given flags)."""
+    from transformers import HfArgumentParser
+
+    from .runtime.arguments import FederatedTrainingArguments
+
+    parser = HfArgumentParser(FederatedTrainingArguments, prog="peft-fed train (TrainingArguments flags)",
+                              allow_abbrev=False)  # fmt: skip
+
+    def error(message: str):
+        raise CliError(message)
+
+    parser.error = error  # type: ignore[method-assign]
+    for action in parser._actions:
+        if action.dest != "help":
+            action.default = argparse.SUPPRESS
+    return parser
+
+
+def parse_training_flags(argv: Sequence[str]) -> dict[str, Any]:
+    """The ``TrainingArguments`` flags among ``argv`` (what the run parser left), as settings."""
+    if not argv:
+        return {}
+    return vars(_training_parser().parse_args(list(argv)))
+
+
+def run_settings(args: argparse.Namespace, rest: Sequence[str] = (), methods: Sequence[str] | None = None) -> dict[str, Any]:
+    """The flat settings of a run: the ``--config`` file, then the flags on top; checked (hyperparameters
+    against ``methods``, values by the argument dataclasses) without loading transformers. ``ValueError``."""
+    from .runtime.pipeline import read_settings_file
+    from .runtime.run_arguments import ARGUMENT_GROUPS, split_settings
+
+    settings: dict[str, Any] = {}
+    labels: dict[str, str] = {}
+    with settings_errors():
+        if getattr(args, "config", None):
+            settings.update(read_settings_file(args.config))
+            labels.update({k: f"{k} (in {args.config})" for k in settings})
+        flags = {k: v for k, v in vars(args).items() if k not in _COMMAND_KEYS}
+        settings.update(flags)
+        labels.update({k: f"--{k}" for k in flags})
+        groups = split_settings(settings, list(methods) if methods else None, labels=labels)
+        for name, cls in ARGUMENT_GROUPS.items():
+            cls(**groups[name])  # the dataclasses' checks (numbers, choices, files)
+    if rest:
+        settings.update(parse_training_flags(rest))
+    return settings
+
+
+def run_config_from_args(args: argparse.Namespace, rest: Sequence[str] = (), **overrides: Any):
+    """The :class:`FederatedRunConfig` of parsed ``train`` flags (``overrides``: flat settings on top)."""
+    return _run_config({**run_settings(args, rest), **overrides}, args)
+
+
+def _run_config(settings: dict[str, Any], args: argparse.Namespace):
     from .runtime.pipeline import FederatedRunConfig
 
-    hints = typing.get_type_hints(FederatedRunConfig)
-    parser.add_argument("--config", help="YAML file with run settings (flags override it).")
-    for f in dataclasses.fields(FederatedRunConfig):
-        kind, is_list = _field_type(hints[f.name])
-        help_text = f.metadata.get("help", "")
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        help_text = f"{help_text} (default: {default})".strip()
-        if kind is bool:
-            parser.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=None, help=help_text)
-        elif kind is dict or typing.get_origin(kind) is dict:
-            parser.add_argument(f"--{f.name}", type=json.loads, default=None, help=help_text + " JSON object.")
-        elif is_list:
-            parser.add_argument(f"--{f.name}", nargs="+", type=kind, default=None, help=help_text)
-        else:
-            parser.add_argument(f"--{f.name}", type=kind, default=None, help=help_text)
+    with settings_errors():
+        return FederatedRunConfig.from_dict(settings, source=getattr(args, "config", None) or "settings")
 
 
-def run_config_from_args(args: argparse.Namespace, **overrides: Any):
-    from .runtime.pipeline import FederatedRunConfig
+def configure_logging(log_level: str = "passive") -> None:
+    """Show ``logger.info`` lines of peft_fed (and transformers, datasets) at ``log_level``, as transformers'
+    example scripts do; ``passive`` leaves the libraries at their defaults (warnings). Replicas of a
+    multi-process run log warnings only."""
+    level = logging.WARNING if log_level == "passive" else getattr(logging, log_level.upper())
+    if int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")) or 0) != 0:
+        level = max(level, logging.WARNING)
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S",
+                        handlers=[logging.StreamHandler(sys.stderr)])  # fmt: skip
+    logging.getLogger("peft_fed").setLevel(level)
+    if log_level != "passive":
+        import datasets
+        import transformers
 
-    given = {
-        f.name: getattr(args, f.name)
-        for f in dataclasses.fields(FederatedRunConfig)
-        if getattr(args, f.name, None) is not None
-    }
-    given.update(overrides)
-    if getattr(args, "config", None):
-        return FederatedRunConfig.from_yaml(args.config, **given)
-    return FederatedRunConfig.from_dict(given)
+        transformers.utils.logging.set_verbosity(level)
+        datasets.utils.logging.set_verbosity(level)
 
 
-def _train(args: argparse.Namespace) -> int:
+def _log_level(settings: dict[str, Any]) -> str:
+    level = settings.get("log_level", "passive")
+    if level not in LOG_LEVELS:
+        raise CliError(f"log_level must be one of {', '.join(LOG_LEVELS)}, got {level!r}")
+    return level
+
+
+def _train(args: argparse.Namespace, rest: Sequence[str]) -> int:
+    settings = run_settings(args, rest)
+    configure_logging(_log_level(settings))
+    config = _run_config(settings, args)
     from .runtime.pipeline import format_round_table, run_federated
 
-    config = run_config_from_args(args)
     result = run_federated(config)
     if _is_main_process():
         print(format_round_table(result.history))
         last = result.history[-1]
-        print(f"\n{config.method}: final eval accuracy {last.get('eval_accuracy')}, "
+        print(f"\n{config.training_args.method}: final eval accuracy {last.get('eval_accuracy')}, "
               f"eval loss {last.get('eval_loss')}, {result.seconds:.0f} s")
         print(f"metrics: {result.output_dir / 'metrics.jsonl'}; plot: {result.output_dir / 'convergence.png'}; "
               f"adapter: {result.final_dir}")
@@ -96,7 +270,7 @@ def _is_main_process() -> bool:
 def summarize_run(history: list[dict[str, Any]]) -> dict[str, Any]:
     """Best/final accuracy, final loss, overlap, mean loss jump, bytes and time per round of one run."""
     accuracies = [r["eval_accuracy"] for r in history if r.get("eval_accuracy") is not None]
-    from .runtime.trainer import inter_round_loss_jumps
+    from .engine.rounds import inter_round_loss_jumps
 
     # recomputed from the per-client losses, so runs written before the absolute form existed summarise too
     jumps = [j for i, row in enumerate(history) for j in inter_round_loss_jumps(history[:i], row)]
@@ -121,20 +295,39 @@ def summarize_run(history: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-def _compare(args: argparse.Namespace) -> int:
-    from .plotting import plot_runs
-    from .runtime.pipeline import run_federated
+def _compare_configs(args: argparse.Namespace, settings: dict[str, Any], root: Path, config_cls) -> dict:
+    """One run config per (method, seed), each method with the given hyperparameters it takes."""
+    from .runtime.run_arguments import hyperparameters_for, method_hyperparameter_fields
 
-    root = Path(args.output_dir or "runs/compare")
+    hyper_names = set(method_hyperparameter_fields())
+    common = {k: v for k, v in settings.items() if k not in hyper_names}
+    given_hyper = {k: v for k, v in settings.items() if k in hyper_names}
+    return {
+        (method, seed): config_cls.from_dict(
+            {**common, **hyperparameters_for(method, given_hyper), "method": method, "seed": seed,
+             "output_dir": str(root / method / f"seed-{seed}")},
+            source=args.config or "settings",
+        )
+        for method in args.methods
+        for seed in args.seeds
+    }  # fmt: skip
+
+
+def _compare(args: argparse.Namespace, rest: Sequence[str]) -> int:
+    settings = run_settings(args, rest, methods=args.methods)
+    configure_logging(_log_level(settings))
+    from .plotting import plot_runs
+    from .runtime.pipeline import FederatedRunConfig, run_federated
+
+    root = Path(settings.get("output_dir", "runs/compare"))
+    with settings_errors():
+        configs = _compare_configs(args, settings, root, FederatedRunConfig)
     results: dict[str, dict[str, Any]] = {}
     run_dirs: list[Path] = []
-    for method in args.methods:
-        for seed in args.seeds:
-            out = root / method / f"seed-{seed}"
-            config = run_config_from_args(args, method=method, seed=seed, output_dir=str(out))
-            result = run_federated(config)
-            results.setdefault(method, {})[str(seed)] = summarize_run(result.history)
-            run_dirs.append(out)
+    for (method, seed), config in configs.items():
+        result = run_federated(config)
+        results.setdefault(method, {})[str(seed)] = summarize_run(result.history)
+        run_dirs.append(Path(config.training_args.output_dir))
     if not _is_main_process():
         return 0
     (root / "comparison.json").write_text(json.dumps(results, indent=1))
@@ -170,19 +363,38 @@ def comparison_table(results: dict[str, dict[str, dict[str, Any]]]) -> str:
     return "\n".join(lines)
 
 
-def _export(args: argparse.Namespace) -> int:
+def _read_run(run_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``(run_config.json, final/adapter_config.json)`` of a finished run; ``CliError`` saying what is missing."""
+    if not run_dir.is_dir():
+        raise CliError(f"--run_dir {str(run_dir)!r} is not a folder (give the output_dir of a finished peft-fed train)")
+    documents = []
+    for path, what in ((run_dir / "run_config.json", "its settings"), (run_dir / "final" / "adapter_config.json", "no adapter")):
+        if not path.is_file():
+            raise CliError(f"{path} does not exist ({what}): is {run_dir} a finished peft-fed run?")
+        try:
+            documents.append(json.loads(path.read_text()))
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise CliError(f"{path} is not valid JSON: {error}") from None
+    missing = sorted({"model", "task_type", "method", "num_rounds", "num_clients", "seed", "dataset"} - set(documents[0]))
+    if missing:
+        raise CliError(f"{run_dir / 'run_config.json'} lacks {', '.join(missing)}")
+    return documents[0], documents[1]
+
+
+def _export(args: argparse.Namespace, rest: Sequence[str]) -> int:
+    run_dir = Path(args.run_dir)
+    config, adapter_config = _read_run(run_dir)
+    if args.rank is not None and args.rank < 1:
+        raise CliError(f"--rank must be >= 1, got {args.rank}")
+    if args.max_error is not None and args.max_error <= 0:
+        raise CliError(f"--max_error must be > 0, got {args.max_error}")
     from peft import PeftModel
 
     from . import peft_bridge
     from .export import FederatedRunInfo, export_adapter, export_merged, push_to_hub
     from .modeling import load_model_and_tokenizer
 
-    run_dir = Path(args.run_dir)
-    config = json.loads((run_dir / "run_config.json").read_text())
     final = run_dir / "final"
-    if not (final / "adapter_config.json").is_file():
-        raise FileNotFoundError(f"{final} holds no adapter: is {run_dir} a finished peft-fed run?")
-    adapter_config = json.loads((final / "adapter_config.json").read_text())
     base, tokenizer = load_model_and_tokenizer(config["model"], config["task_type"])
     model = PeftModel.from_pretrained(base, final)
     original = peft_bridge.base_weights(model)
@@ -203,7 +415,10 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
-def _plot(args: argparse.Namespace) -> int:
+def _plot(args: argparse.Namespace, rest: Sequence[str]) -> int:
+    missing = [run for run in args.runs if not Path(run).exists()]
+    if missing:
+        raise CliError(f"no such run folder or metrics file: {', '.join(missing)}")
     from .plotting import plot_runs
 
     path = plot_runs(args.runs, args.output, labels=args.labels, title=args.title)
@@ -211,22 +426,37 @@ def _plot(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="peft-fed", description="Federated LoRA fine-tuning for Hugging Face PEFT.")
-    sub = parser.add_subparsers(dest="command")
+def build_parser(run_commands: Sequence[str] = ("train", "compare")) -> argparse.ArgumentParser:
+    """The ``peft-fed`` parser. The run flags of ``run_commands`` need the method registry (torch, not
+    transformers); ``main`` adds them only for the command it runs, so ``--version`` and ``export`` stay light."""
+    parser = _Parser(prog="peft-fed", description="Federated LoRA fine-tuning for Hugging Face PEFT.", allow_abbrev=False)
+    parser.add_argument("--version", action="version", version=f"peft-fed {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="{train,compare,export,plot,unmix}")
+    formatter = argparse.ArgumentDefaultsHelpFormatter
 
-    train = sub.add_parser("train", help="Run one federated training (offline default with no arguments).")
-    add_run_arguments(train)
+    def subcommand(name: str, help_text: str, **kwargs):
+        return sub.add_parser(name, help=help_text, description=help_text, allow_abbrev=False, **kwargs)
+
+    train = subcommand("train", "Run one federated training (the offline default run with no flags).",
+                       epilog=_TRAINING_EPILOG)  # fmt: skip
+    if "train" in run_commands:
+        add_run_arguments(train)
     train.set_defaults(handler=_train)
 
-    compare = sub.add_parser("compare", help="Run methods x seeds; write a table and a plot.")
-    add_run_arguments(compare)
-    compare.add_argument("--methods", nargs="+", required=True)
-    compare.add_argument("--seeds", nargs="+", type=int, default=[42])
+    compare = subcommand("compare", "Run methods x seeds; write a table and a plot (output_dir: runs/compare).",
+                         epilog=_TRAINING_EPILOG)  # fmt: skip
+    if "compare" in run_commands:
+        from .strategies import STRATEGIES
+        from .strategies.registry import ALIASES
+
+        compare.add_argument("--methods", nargs="+", required=True, choices=[*STRATEGIES, *sorted(ALIASES)],
+                             metavar="METHOD", help=f"Methods to compare: {', '.join(STRATEGIES)}.")  # fmt: skip
+        compare.add_argument("--seeds", nargs="+", type=int, default=[42], help="Seeds (default: 42).")
+        add_run_arguments(compare)
     compare.set_defaults(handler=_compare)
 
-    export = sub.add_parser("export", help="Re-export a finished run's adapter (other rank, merged, Hub).")
-    export.add_argument("--run_dir", required=True)
+    export = subcommand("export", "Re-export a finished run's adapter (other rank, merged, Hub).")
+    export.add_argument("--run_dir", required=True, help="output_dir of a finished peft-fed train.")
     export.add_argument("--output_dir", required=True)
     group = export.add_mutually_exclusive_group()
     group.add_argument("--rank", type=int)
@@ -237,32 +467,43 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--private", action="store_true")
     export.set_defaults(handler=_export)
 
-    plot = sub.add_parser("plot", help="Convergence curves of one or more runs to PNG.")
+    plot = subcommand("plot", "Convergence curves of one or more runs to PNG.", formatter_class=formatter)
     plot.add_argument("runs", nargs="+", help="Run output folders (or metrics.jsonl files).")
     plot.add_argument("--output", default="convergence.png")
     plot.add_argument("--labels", nargs="+")
     plot.add_argument("--title")
     plot.set_defaults(handler=_plot)
 
-    unmix = sub.add_parser("unmix", help="Hyperspectral unmixing (GAUSS and baselines).", add_help=False)
-    unmix.set_defaults(handler=None)
+    subcommand("unmix", "Hyperspectral unmixing (GAUSS and baselines); peft-fed unmix --help.", add_help=False)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command; a mistake in the command line prints one ``error:`` line and returns 2."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "unmix":
-        from .unmixing.cli import main as unmix_main
-
+        try:
+            from .unmixing.cli import main as unmix_main
+        except ImportError as error:  # scipy, scikit-learn, spectral... come with the unmixing extra
+            print(f"error: peft-fed unmix needs {error.name or error}: pip install 'peft-fed[unmixing]'", file=sys.stderr)
+            return 2
         return unmix_main(argv[1:])
-    if not argv:
-        argv = ["train"]
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.handler is None:
-        parser.print_help()
+    try:
+        parser = build_parser(run_commands=[argv[0]] if argv and argv[0] in ("train", "compare") else ())
+        if not argv:
+            parser.print_help()
+            return 0
+        args, rest = parser.parse_known_args(argv)
+        handler = getattr(args, "handler", None)
+        if handler is None:
+            parser.print_help()
+            return 0
+        if rest and args.command not in ("train", "compare"):
+            raise CliError(f"unrecognized arguments: {' '.join(rest)}")
+        return handler(args, rest)
+    except CliError as error:
+        print(f"error: {error}", file=sys.stderr)
         return 2
-    return args.handler(args)
 
 
 if __name__ == "__main__":

@@ -1,25 +1,36 @@
-"""Arguments of a federated run: ``transformers.TrainingArguments`` plus the federation's own."""
+"""Arguments of a federated run: ``transformers.TrainingArguments`` plus the federation's own.
+
+The federation's fields are declared once, in :class:`~peft_fed.runtime.run_arguments.FederatedArguments`
+(importable without transformers, so the command line checks them before loading anything heavy);
+:class:`FederatedTrainingArguments` inherits them. The model, data, LoRA and export settings of a whole run
+are the other dataclasses of :mod:`peft_fed.runtime.run_arguments`.
+"""
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any
 
 from transformers import TrainingArguments
+from transformers.trainer_utils import IntervalStrategy, SaveStrategy, SchedulerType
 
-ROUND_LR_SCHEDULES = ("constant", "cosine", "linear")
-PARALLEL_MODES = ("auto", "clients", "data")
+from .run_arguments import PARALLEL_MODES, ROUND_LR_SCHEDULES, FederatedArguments
+
+__all__ = ["FederatedTrainingArguments", "PARALLEL_MODES", "ROUND_LR_SCHEDULES"]
 
 
 @dataclass
-class FederatedTrainingArguments(TrainingArguments):
+class FederatedTrainingArguments(FederatedArguments, TrainingArguments):
     """``TrainingArguments`` for :class:`~peft_fed.FederatedTrainer`.
 
     The inherited fields configure each client's *local* training (optimizer, batch size, gradient
     accumulation, mixed precision, gradient checkpointing, DeepSpeed, ``report_to``...). ``learning_rate``
     is the round-0 learning rate; ``round_lr_scheduler`` moves it across rounds while the Trainer's own
-    ``lr_scheduler_type`` shapes it within a client's local steps.
+    ``lr_scheduler_type`` shapes it within a client's local steps (``constant`` by default: a client's local
+    schedule restarts every round, so a decaying one would mostly train at its start).
+
+    The defaults are those of ``peft-fed train`` (the offline default run), so the Python API and the command
+    line agree: 10 rounds, 3 clients per round, 8 local steps, learning rate 1e-3, batch 8 (eval 32).
 
     Example:
 
@@ -27,76 +38,37 @@ class FederatedTrainingArguments(TrainingArguments):
         ...                                   clients_per_round=3, local_steps=20, learning_rate=5e-4)
     """
 
-    method: str = field(default="fedsmoothlora", metadata={"help": "Federated method (see peft_fed.STRATEGIES)."})
-    num_rounds: int = field(default=10, metadata={"help": "Communication rounds."})
-    clients_per_round: int | None = field(
-        default=None, metadata={"help": "Clients sampled per round (default: all, or client_fraction)."}
-    )
-    client_fraction: float | None = field(
-        default=None, metadata={"help": "Fraction of clients sampled per round, in (0, 1]; exclusive with clients_per_round."}
-    )
-    local_steps: int | None = field(
-        default=10, metadata={"help": "Optimizer steps per client per round (exclusive with local_epochs)."}
-    )
-    local_epochs: float | None = field(
-        default=None, metadata={"help": "Passes over its own data per client per round (exclusive with local_steps)."}
-    )
-    round_lr_scheduler: str = field(
-        default="constant", metadata={"help": f"Learning rate across rounds: one of {ROUND_LR_SCHEDULES}."}
-    )
-    round_lr_min_ratio: float = field(
-        default=0.0, metadata={"help": "Final learning rate as a fraction of learning_rate (cosine, linear)."}
-    )
-    eval_every: int = field(default=1, metadata={"help": "Evaluate the global model every this many rounds (0: only at the end)."})
-    save_every: int = field(default=0, metadata={"help": "Checkpoint the whole federated state every this many rounds (0: never)."})
-    resume: bool = field(default=False, metadata={"help": "Resume from the last checkpoint under output_dir/checkpoints."})
-    invalid_upload: str = field(
-        default="drop", metadata={"help": "'drop' an invalid client upload (NaN, wrong shape) or 'raise'."}
-    )
-    parallel_mode: str = field(
-        default="auto",
+    # TrainingArguments fields whose default differs for federated LoRA (one default, here)
+    output_dir: str | None = field(default="runs/default", metadata={"help": "Where metrics, checkpoints and final/ go."})
+    learning_rate: float = field(default=1e-3, metadata={"help": "Learning rate of round 0 (AdamW by default)."})
+    lr_scheduler_type: SchedulerType | str = field(
+        default="constant",
         metadata={
-            "help": "'clients': each process trains different clients (no gradient sync); 'data': all processes "
-            "train each client together (data parallel; required by DeepSpeed ZeRO-3); 'auto': data under "
-            "DeepSpeed, clients otherwise."
+            "help": "Schedule within each client's local steps. Default constant: a client's local schedule "
+            "restarts every round; use round_lr_scheduler to decay across rounds."
         },
     )
-    gradient_estimation_batches: int | None = field(
-        default=None,
-        metadata={"help": "FedSmoothLoRA gradient-estimation batches N_ga (default: the PEFT config's, else 8)."},
+    per_device_eval_batch_size: int = field(default=32, metadata={"help": "Batch size of the global evaluation."})
+    # saving, logging and evaluation happen once per round (save_every, eval_every, one log per round), never
+    # inside a client's local steps
+    save_strategy: SaveStrategy | str = field(
+        default="no", metadata={"help": "Per-step checkpoints do not apply; use save_every (rounds)."}
     )
-    method_kwargs: dict[str, Any] | None = field(
-        default=None, metadata={"help": "Hyperparameters of the method (override the PEFT config's)."}
+    logging_strategy: IntervalStrategy | str = field(
+        default="no", metadata={"help": "Per-step logs do not apply: one log per round goes to report_to."}
+    )
+    remove_unused_columns: bool = field(
+        default=False,
+        metadata={"help": "Keep the dataset columns the task collators read (the model's signature does not name them)."},
     )
 
     def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.num_rounds < 1:
-            raise ValueError(f"num_rounds must be >= 1, got {self.num_rounds}")
-        if self.clients_per_round is not None and self.client_fraction is not None:
-            raise ValueError("give clients_per_round or client_fraction, not both")
-        if self.clients_per_round is not None and self.clients_per_round < 1:
-            raise ValueError(f"clients_per_round must be >= 1, got {self.clients_per_round}")
-        if self.client_fraction is not None and not 0.0 < self.client_fraction <= 1.0:
-            raise ValueError(f"client_fraction must be in (0, 1], got {self.client_fraction}")
-        if (self.local_steps is None) == (self.local_epochs is None):
-            raise ValueError("give exactly one of local_steps and local_epochs (set the other to None)")
-        if self.local_steps is not None and self.local_steps < 1:
-            raise ValueError(f"local_steps must be >= 1, got {self.local_steps}")
-        if self.local_epochs is not None and self.local_epochs <= 0:
-            raise ValueError(f"local_epochs must be positive, got {self.local_epochs}")
-        if self.round_lr_scheduler not in ROUND_LR_SCHEDULES:
-            raise ValueError(f"round_lr_scheduler must be one of {ROUND_LR_SCHEDULES}, got {self.round_lr_scheduler!r}")
-        if not 0.0 <= self.round_lr_min_ratio <= 1.0:
-            raise ValueError(f"round_lr_min_ratio must be in [0, 1], got {self.round_lr_min_ratio}")
-        if self.eval_every < 0 or self.save_every < 0:
-            raise ValueError("eval_every and save_every must be >= 0")
-        if self.invalid_upload not in ("drop", "raise"):
-            raise ValueError(f"invalid_upload must be 'drop' or 'raise', got {self.invalid_upload!r}")
-        if self.parallel_mode not in PARALLEL_MODES:
-            raise ValueError(f"parallel_mode must be one of {PARALLEL_MODES}, got {self.parallel_mode!r}")
-        if self.gradient_estimation_batches is not None and self.gradient_estimation_batches < 1:
-            raise ValueError("gradient_estimation_batches must be >= 1")
+        self.validate_federation()  # our checks first: one-line errors before transformers' own
+        TrainingArguments.__post_init__(self)
+        import torch
+
+        if not torch.cuda.is_available():
+            self.dataloader_pin_memory = False  # pinning needs a GPU (torch warns on every loader otherwise)
 
     def round_learning_rate(self, round_index: int) -> float:
         """The learning rate of round ``round_index`` (0-based) under ``round_lr_scheduler``."""

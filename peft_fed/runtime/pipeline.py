@@ -1,8 +1,16 @@
-"""One federated run from a flat configuration: data, partition, model, PEFT config, trainer, export.
+"""One federated run from flat settings: data, partition, model, PEFT config, trainer, export.
 
-This is what ``peft-fed train`` and ``examples/fed_train.py`` run. The defaults are the offline demo:
-the real all-MiniLM-L6-v2 encoder on the WordNet multiple-choice task, 10 clients, Dirichlet(0.3),
-FedSmoothLoRA.
+This is what ``peft-fed train`` and ``examples/fed_train.py`` run. A run's settings are the dataclasses of
+:mod:`peft_fed.runtime.run_arguments` (model, data, LoRA, export) plus
+:class:`~peft_fed.FederatedTrainingArguments` (every Trainer setting and the federation's), plus the method's
+hyperparameters; :class:`FederatedRunConfig` bundles them. The same flat keys work as YAML keys, command-line
+flags and keywords::
+
+    run_federated(method="fedit", num_rounds=20, learning_rate=5e-4, output_dir="runs/fedit")
+    run_federated(FederatedRunConfig.from_yaml("examples/configs/wordnet_mc_minilm.yaml", zeta=0.5))
+
+With no settings it is the offline demo: the real all-MiniLM-L6-v2 encoder on the WordNet multiple-choice task,
+10 clients, Dirichlet(0.3), FedSmoothLoRA.
 """
 
 from __future__ import annotations
@@ -11,112 +19,140 @@ import dataclasses
 import json
 import logging
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
 import yaml
+
+from .run_arguments import (
+    ARGUMENT_GROUPS,
+    DataArguments,
+    ExportArguments,
+    LoraArguments,
+    ModelArguments,
+    coerce,
+    field_hints,
+    hyperparameters_from_arguments,
+    method_hyperparameters_class,
+    split_settings,
+)
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_EXPORT_MAX_ERROR = 0.01
-# FederatedTrainingArguments fields that FederatedRunConfig fills from its own keys (not via training_kwargs).
-_TRAINING_ARGUMENTS_SET_BY_RUN_CONFIG = frozenset(
-    {"output_dir", "method", "num_rounds", "clients_per_round", "local_steps", "local_epochs", "learning_rate",
-     "round_lr_scheduler", "per_device_train_batch_size", "gradient_accumulation_steps", "seed", "eval_every",
-     "save_every", "resume", "method_kwargs", "bf16", "use_cpu", "deepspeed", "report_to", "remove_unused_columns"}
-)  # fmt: skip
+
+
+def _training_arguments(**kwargs):
+    from .arguments import FederatedTrainingArguments
+
+    return FederatedTrainingArguments(**kwargs)
 
 
 @dataclass
 class FederatedRunConfig:
-    """Every setting of a federated run; a YAML file given to ``--config`` holds any subset of these keys."""
+    """Every setting of a federated run: the argument dataclasses of one run, as parsed from flags or YAML.
 
-    model: str = field(default="all-MiniLM-L6-v2", metadata={"help": "Model alias, Hub id, local folder or GGUF."})
-    dataset: str = field(default="wordnet_mc", metadata={"help": "Registered dataset name or local data file."})
-    task_type: str | None = field(
-        default=None, metadata={"help": "seq_cls, mc_encoder, mc_causal, causal_lm or image_cls."}
-    )
-    method: str = field(default="fedsmoothlora", metadata={"help": "Federated method."})
-    num_clients: int = 10
-    clients_per_round: int | None = 3
-    num_rounds: int = 10
-    local_steps: int | None = field(default=8, metadata={"help": "Optimizer steps per client per round."})
-    local_epochs: float | None = field(
-        default=None, metadata={"help": "Passes over its data per client per round; when set, replaces local_steps."}
-    )
-    partition: str = field(default="dirichlet", metadata={"help": "iid, dirichlet, pathological, shard, natural_id, size."})
-    partition_column: str | None = field(
-        default=None,
-        metadata={"help": "Column the label-skew partitions follow (default: the label for classification, "
-                  "the natural id, e.g. activity_label, for multiple choice)."},
-    )
-    dirichlet_alpha: float = 0.3
-    seed: int = 42
-    output_dir: str = "runs/default"
-    resume: bool = False
-    r: int = 8
-    lora_alpha: float = 16
-    lora_dropout: float = 0.05
-    use_rslora: bool = False
-    target_modules: list[str] | None = None
-    learning_rate: float = 1e-3
-    round_lr_scheduler: str = "constant"
-    batch_size: int = 8
-    gradient_accumulation_steps: int = 1
-    max_length: int = 48
-    max_train_samples: int | None = None
-    max_eval_samples: int | None = 200
-    client_eval_fraction: float = 0.1
-    eval_every: int = 1
-    save_every: int = 0
-    method_kwargs: dict[str, Any] = field(default_factory=dict)
-    export_rank: int | None = field(default=None, metadata={"help": "Rank of the exported final adapter."})
-    export_max_error: float | None = field(
-        default=None,
-        metadata={"help": "Export at the smallest rank with relative error below this (default 0.01 "
-                  "when export_rank is not given)."},
-    )
-    init_adapter: str | None = field(default=None, metadata={"help": "Start from an existing adapter (path or Hub id)."})
-    bf16: bool = False
-    use_cpu: bool = field(default=False, metadata={"help": "Train on the CPU even where a GPU is visible."})
-    gradient_checkpointing: bool = False
-    deepspeed: str | None = None
-    report_to: str = "none"
-    dataset_kwargs: dict[str, Any] = field(default_factory=dict)
-    training_kwargs: dict[str, Any] = field(
-        default_factory=dict,
-        metadata={"help": "Further FederatedTrainingArguments / TrainingArguments settings, e.g. "
-                  '{"optim": "sgd", "optim_args": "momentum=0.9", "round_lr_min_ratio": 0.0}.'},
-    )  # fmt: skip
+    ``training_args.method_kwargs`` holds the method's hyperparameters that were given (the others keep the
+    method's defaults). Build one from flat settings with :meth:`from_dict` / :meth:`from_yaml`; :meth:`to_dict`
+    gives them back flat, every setting included (what ``OUTPUT_DIR/run_config.json`` records).
+    """
 
-    def __post_init__(self) -> None:
-        if self.local_epochs is not None:
-            self.local_steps = None
-        elif self.local_steps is None:
-            raise ValueError("give local_steps or local_epochs")
-        owned = sorted(set(self.training_kwargs) & _TRAINING_ARGUMENTS_SET_BY_RUN_CONFIG)
-        if owned:
-            raise ValueError(f"training_kwargs {owned} are run settings: set them as top-level keys instead")
+    model_args: ModelArguments = field(default_factory=ModelArguments)
+    data_args: DataArguments = field(default_factory=DataArguments)
+    lora_args: LoraArguments = field(default_factory=LoraArguments)
+    export_args: ExportArguments = field(default_factory=ExportArguments)
+    training_args: Any = field(default_factory=_training_arguments)  # FederatedTrainingArguments
+
+    @classmethod
+    def from_dict(cls, settings: Mapping[str, Any], *, source: str = "settings") -> FederatedRunConfig:
+        """Flat settings (the YAML keys, = the flag names) -> a run config; one-line ``ValueError`` naming the
+        ``source`` for an unknown key or a bad value."""
+        from .arguments import FederatedTrainingArguments
+
+        try:
+            groups = split_settings(settings)
+            training_hints = field_hints(FederatedTrainingArguments)
+            unknown = sorted(set(groups["training"]) - set(training_hints))
+            if unknown:
+                raise ValueError(
+                    f"unknown setting(s) {unknown} (not a run, method or TrainingArguments setting; "
+                    "see peft-fed train --help)"
+                )
+            training = {k: _coerce_training(k, v, training_hints[k]) for k, v in groups["training"].items()}
+            parts = {name: ARGUMENT_GROUPS[name](**groups[name]) for name in ("model", "data", "lora", "export")}
+            training_args = FederatedTrainingArguments(
+                **groups["federation"], **training, method_kwargs=groups["hyperparameters"] or None
+            )
+        except (ValueError, TypeError) as error:
+            raise ValueError(f"{source}: {error}") from None
+        return cls(parts["model"], parts["data"], parts["lora"], parts["export"], training_args)
+
+    @classmethod
+    def from_dataclasses(cls, model_args, data_args, lora_args, export_args, hyperparameter_args, training_args):
+        """A run config from the dataclasses ``HfArgumentParser`` returns, as in transformers' example scripts::
+
+            parser = HfArgumentParser((ModelArguments, DataArguments, LoraArguments, ExportArguments,
+                                       method_hyperparameter_arguments(), FederatedTrainingArguments))
+            config = FederatedRunConfig.from_dataclasses(*parser.parse_args_into_dataclasses())
+
+        The hyperparameters set in ``hyperparameter_args`` (not ``None``) become ``training_args.method_kwargs``.
+        """
+        given = hyperparameters_from_arguments(training_args.method, hyperparameter_args)
+        if given:
+            training_args.method_kwargs = {**(training_args.method_kwargs or {}), **given}
+        return cls(model_args, data_args, lora_args, export_args, training_args)
 
     @classmethod
     def from_yaml(cls, path: str | Path, **overrides: Any) -> FederatedRunConfig:
-        data = yaml.safe_load(Path(path).read_text()) or {}
-        if not isinstance(data, dict):
-            raise ValueError(f"{path}: a run config must be a mapping of settings, got {type(data).__name__}")
-        return cls.from_dict({**data, **overrides})
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> FederatedRunConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown run setting(s) {unknown}; known settings: {sorted(known)}")
-        return cls(**data)
+        """The settings of a YAML file, ``overrides`` on top."""
+        return cls.from_dict({**read_settings_file(path), **overrides}, source=str(path))
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """Every setting, flat: the keys of a YAML run file, with the method's full hyperparameters."""
+        out: dict[str, Any] = {}
+        for part in (self.model_args, self.data_args, self.lora_args, self.export_args):
+            out.update(dataclasses.asdict(part))
+        training = self.training_args.to_dict()
+        training.pop("method_kwargs", None)
+        out.update(training)
+        out.update(dataclasses.asdict(self.hyperparameters()))
+        return out
+
+    def hyperparameters(self):
+        """The method's hyperparameters dataclass (given values, the method's defaults for the rest)."""
+        cls = method_hyperparameters_class(self.training_args.method)
+        return cls(**(self.training_args.method_kwargs or {}))
+
+
+def _coerce_training(name: str, value: Any, hint: Any) -> Any:
+    """A ``TrainingArguments`` value from YAML: numbers and booleans written as strings become numbers and
+    booleans (``learning_rate: 1e-3`` is a string to YAML); everything else is left to transformers."""
+    if isinstance(value, str) and hint in (int, float, bool):
+        return coerce(name, value, hint)
+    return value
+
+
+def read_settings_file(path: str | Path) -> dict[str, Any]:
+    """The settings mapping of a YAML (or JSON) run file; a one-line ``ValueError`` saying what is wrong."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"config file {str(path)!r} does not exist" if not path.exists() else f"config {str(path)!r} is not a file")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+        raise ValueError(f"{path}: not valid YAML{where}: {problem}") from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path}: cannot read it: {error}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: a run config must be a mapping of settings, got {type(data).__name__}")
+    return data
 
 
 @dataclass
@@ -132,126 +168,100 @@ def _peft_config(config: FederatedRunConfig, task_type: str, target_modules, mod
     from peft import LoraConfig
 
     from ..modeling import peft_task_type
-    from ..strategies import canonical_method_name
-    from ..tuners import FedSmoothLoraConfig, SubspaceRegLoraConfig
+    from ..tuners import peft_config_class
 
-    method = canonical_method_name(config.method)
-    cls = {"fedsmoothlora": FedSmoothLoraConfig, "subspace_reg": SubspaceRegLoraConfig}.get(method, LoraConfig)
-    kwargs: dict[str, Any] = dict(
-        r=config.r,
-        lora_alpha=config.lora_alpha,
-        lora_dropout=config.lora_dropout,
-        use_rslora=config.use_rslora,
+    lora = config.lora_args
+    cls = peft_config_class(config.training_args.method)
+    # a typed config (FedSmoothLoraConfig, SubspaceRegLoraConfig) saves the method's hyperparameters with the adapter
+    hyperparameters = {} if cls is LoraConfig else dict(config.training_args.method_kwargs or {})
+    return cls(
+        r=lora.r,
+        lora_alpha=lora.lora_alpha,
+        lora_dropout=lora.lora_dropout,
+        use_rslora=lora.use_rslora,
         target_modules=target_modules,
         modules_to_save=modules_to_save,
         task_type=peft_task_type(task_type),
+        **hyperparameters,
     )
-    if cls is not LoraConfig:
-        # method hyperparameters that the PEFT config declares live in the config (saved with the adapter)
-        names = {f.name for f in dataclasses.fields(cls)} - {f.name for f in dataclasses.fields(LoraConfig)}
-        kwargs.update({k: v for k, v in config.method_kwargs.items() if k in names})
-    return cls(**kwargs)
 
 
 def prepare_federated_data(config: FederatedRunConfig):
     """Load and partition the data of a run: ``(client_train, client_eval, eval, task, info)``, raw text."""
     from ..data import load_task_dataset, partition_dataset, split_clients
 
+    data, seed = config.data_args, config.training_args.seed
     train, evaluation, info = load_task_dataset(
-        config.dataset,
-        config.task_type,
-        seed=config.seed,
-        max_train_samples=config.max_train_samples,
-        max_eval_samples=config.max_eval_samples,
-        **config.dataset_kwargs,
+        data.dataset,
+        config.model_args.task_type,
+        seed=seed,
+        max_train_samples=data.max_train_samples,
+        max_eval_samples=data.max_eval_samples,
+        **data.dataset_kwargs,
     )
-    task = info.task_spec(max_length=config.max_length)
-    column = config.partition_column
+    task = info.task_spec(max_length=data.max_length)
+    column = data.partition_column
     if column is None:
         column = info.natural_id_column if task.is_multiple_choice and info.natural_id_column else info.label_column
     partitions = partition_dataset(
         train,
-        config.num_clients,
-        config.partition,
+        data.num_clients,
+        data.partition,
         label_column=column,
-        natural_id_column=info.natural_id_column if config.partition == "natural_id" else None,
-        alpha=config.dirichlet_alpha,
-        seed=config.seed,
+        natural_id_column=info.natural_id_column if data.partition == "natural_id" else None,
+        alpha=data.dirichlet_alpha,
+        seed=seed,
     )
-    client_train, client_eval = split_clients(partitions, config.client_eval_fraction, seed=config.seed)
+    client_train, client_eval = split_clients(partitions, data.client_eval_fraction, seed=seed)
     return client_train, client_eval, evaluation, task, info
 
 
-def run_federated(config: FederatedRunConfig) -> RunResult:
-    """Run one federated training from ``config``; write metrics, a plot and ``OUTPUT_DIR/final``."""
+def run_federated(config: FederatedRunConfig | Mapping[str, Any] | None = None, /, **settings: Any) -> RunResult:
+    """Run one federated training; write metrics, a plot and ``OUTPUT_DIR/final``.
+
+    ``config`` is a :class:`FederatedRunConfig` or flat settings (YAML keys); keyword ``settings`` are flat
+    settings on top of the defaults (or of a mapping ``config``): ``run_federated(method="fedit", num_rounds=2)``.
+    """
     from peft import get_peft_model
     from transformers import set_seed
 
     from .. import peft_bridge
-    from ..export import load_initial_adapter
     from ..modeling import (
         check_target_modules,
         default_modules_to_save,
         default_target_modules,
+        load_initial_adapter,
         load_model_and_tokenizer,
     )
-    from .arguments import FederatedTrainingArguments
     from .trainer import FederatedTrainer
 
+    if not isinstance(config, FederatedRunConfig):
+        config = FederatedRunConfig.from_dict({**(config or {}), **settings})
+    elif settings:
+        raise TypeError("give a FederatedRunConfig or flat settings, not both")
     started = time.perf_counter()
-    output_dir = Path(config.output_dir)
+    args = config.training_args
+    output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
 
     client_train, _, evaluation, task, info = prepare_federated_data(config)
     task_type = info.task_type
-    config = dataclasses.replace(config, task_type=task_type)
-    (output_dir / "run_config.json").write_text(json.dumps(config.to_dict(), indent=1))
-    set_seed(config.seed)  # the task head is initialised at load time: make it the same on every run
+    config = dataclasses.replace(config, model_args=dataclasses.replace(config.model_args, task_type=task_type))
+    (output_dir / "run_config.json").write_text(json.dumps(config.to_dict(), indent=1, default=str))
+    set_seed(args.seed)  # the task head is initialised at load time: make it the same on every run
+    model_args = config.model_args
     model, tokenizer = load_model_and_tokenizer(
-        config.model, task_type, num_labels=info.num_labels, label_names=info.label_names
+        model_args.model, task_type, num_labels=info.num_labels, label_names=info.label_names
     )
-    if config.init_adapter:
-        model = load_initial_adapter(model, config.init_adapter)
-    target_modules = config.target_modules or default_target_modules(model)
+    if model_args.init_adapter:
+        model = load_initial_adapter(model, model_args.init_adapter)
+    target_modules = config.lora_args.target_modules or default_target_modules(model)
     check_target_modules(model, target_modules)
     modules_to_save = default_modules_to_save(model, task_type)
     peft_model = get_peft_model(model, _peft_config(config, task_type, target_modules, modules_to_save))
     client_train = [task.preprocess(d, tokenizer, name=f"client {i}") for i, d in enumerate(client_train)]
     evaluation = task.preprocess(evaluation, tokenizer, name="eval")
 
-    peft_config_fields = {f.name for f in dataclasses.fields(type(peft_model.peft_config["default"]))}
-    method_kwargs = {k: v for k, v in config.method_kwargs.items() if k not in peft_config_fields}
-    args = FederatedTrainingArguments(
-        output_dir=str(output_dir),
-        method=config.method,
-        num_rounds=config.num_rounds,
-        clients_per_round=config.clients_per_round,
-        local_steps=config.local_steps,
-        local_epochs=config.local_epochs,
-        learning_rate=config.learning_rate,
-        round_lr_scheduler=config.round_lr_scheduler,
-        per_device_train_batch_size=config.batch_size,
-        gradient_accumulation_steps=config.gradient_accumulation_steps,
-        seed=config.seed,
-        eval_every=config.eval_every,
-        save_every=config.save_every,
-        resume=config.resume,
-        method_kwargs=method_kwargs or None,
-        bf16=config.bf16,
-        use_cpu=config.use_cpu,
-        deepspeed=config.deepspeed,
-        report_to=config.report_to,
-        # passed only when asked for: transformers 5 warns on the (still working) old name
-        **({"gradient_checkpointing": True} if config.gradient_checkpointing else {}),
-        remove_unused_columns=False,
-        **{
-            "lr_scheduler_type": "constant",
-            "per_device_eval_batch_size": max(config.batch_size, 32),
-            "dataloader_num_workers": 0,
-            "dataloader_pin_memory": torch.cuda.is_available(),
-            **config.training_kwargs,
-        },
-    )
     trainer = FederatedTrainer(
         model=peft_model,
         args=args,
@@ -278,41 +288,42 @@ def _export_final(trainer, config: FederatedRunConfig, history, final_dir: Path,
     from ..modeling import MODEL_ALIASES
     from ..plotting import plot_runs
 
-    partition = config.partition + (f" (alpha={config.dirichlet_alpha})" if config.partition == "dirichlet" else "")
+    data, args, model_args, export = config.data_args, config.training_args, config.model_args, config.export_args
+    partition = data.partition + (f" (alpha={data.dirichlet_alpha})" if data.partition == "dirichlet" else "")
     run_info = FederatedRunInfo(
         method=trainer.strategy.name,
-        rounds=config.num_rounds,
-        num_clients=config.num_clients,
+        rounds=args.num_rounds,
+        num_clients=data.num_clients,
         clients_per_round=trainer.clients_per_round,
-        seed=config.seed,
-        base_model=MODEL_ALIASES[config.model].hub_id if config.model in MODEL_ALIASES else config.model,
-        initial_adapter=config.init_adapter,
-        dataset=config.dataset,
-        training_rank=config.r,
+        seed=args.seed,
+        base_model=MODEL_ALIASES[model_args.model].hub_id if model_args.model in MODEL_ALIASES else model_args.model,
+        initial_adapter=model_args.init_adapter,
+        dataset=data.dataset,
+        training_rank=config.lora_args.r,
         extra={
             "partition": partition,
-            "local_steps": config.local_steps,
-            "local_epochs": config.local_epochs,
+            "local_steps": args.local_steps,
+            "local_epochs": args.local_epochs,
             "final_eval_accuracy": history[-1].get("eval_accuracy"),
         },
     )
     # A merged backbone accumulates up to rounds x r directions: by default pick the smallest rank that
     # reproduces the federated model within 1% (exact rank r for methods that never merge).
-    max_error = config.export_max_error
-    if config.export_rank is None and max_error is None:
+    max_error = export.export_max_error
+    if export.export_rank is None and max_error is None:
         max_error = DEFAULT_EXPORT_MAX_ERROR
     report = export_adapter(
         trainer.model,
         trainer.original_weights,
         final_dir,
-        rank=config.export_rank,
+        rank=export.export_rank,
         max_relative_error=max_error,
         run_info=run_info,
         tokenizer=tokenizer,
         overwrite=True,
     )
-    output_dir = Path(config.output_dir)
-    plot_runs([output_dir], output_dir / "convergence.png", title=f"{trainer.strategy.name} on {config.dataset}")
+    output_dir = Path(args.output_dir)
+    plot_runs([output_dir], output_dir / "convergence.png", title=f"{trainer.strategy.name} on {data.dataset}")
     return report
 
 

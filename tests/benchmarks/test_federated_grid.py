@@ -48,7 +48,8 @@ def test_shards_split_the_grid_without_overlap(grid, tmp_path, monkeypatch):
     done: list[tuple] = []
 
     def fake_run_federated(config):
-        done.append((config.dirichlet_alpha, config.method, config.seed, dict(config.method_kwargs)))
+        args = config.training_args
+        done.append((config.data_args.dirichlet_alpha, args.method, args.seed, dict(args.method_kwargs or {})))
 
     import peft_fed.runtime.pipeline as pipeline
 
@@ -70,7 +71,7 @@ def test_finished_runs_are_skipped(grid, tmp_path, monkeypatch):
     import peft_fed.runtime.pipeline as pipeline
 
     calls = []
-    monkeypatch.setattr(pipeline, "run_federated", lambda config: calls.append(config.output_dir))
+    monkeypatch.setattr(pipeline, "run_federated", lambda config: calls.append(config.training_args.output_dir))
     settings = dict(grid.PRESETS["minilm"], num_rounds=2)
     _write_run(grid.run_dir(tmp_path, 0.3, "fedit", 1), [0.5, 0.6])
     _write_run(grid.run_dir(tmp_path, 0.3, "flora", 1), [0.5])  # interrupted after one of two rounds

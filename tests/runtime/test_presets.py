@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from peft_fed.runtime.pipeline import FederatedRunConfig, run_federated
+from peft_fed.runtime.pipeline import FederatedRunConfig, read_settings_file, run_federated
+from peft_fed.runtime.run_arguments import split_settings
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tiny_models import save_stand_in  # noqa: E402
@@ -75,24 +76,34 @@ def test_every_preset_is_covered():
     assert sorted(p.name for p in PRESETS.glob("*.yaml")) == sorted(CASES)
 
 
+def _preset(preset: str) -> dict:
+    """A preset's settings, checked by the run's argument dataclasses (GPU-only settings such as bf16 are the
+    Trainer's, checked when a run starts)."""
+    settings = read_settings_file(PRESETS / preset)
+    split_settings(settings)  # unknown hyperparameters and bad values raise
+    defaults = FederatedRunConfig().to_dict()
+    return {**defaults, **settings}
+
+
 @pytest.mark.parametrize("preset", sorted(CASES))
 def test_preset_loads_with_the_papers_settings(preset):
-    config = FederatedRunConfig.from_yaml(PRESETS / preset)
-    assert config.method in ("fedsmoothlora", "subspace_reg")
-    if config.method == "subspace_reg":
-        assert (config.num_clients, config.clients_per_round, config.num_rounds, config.r, config.lora_alpha) == (
-            10, 3, 20, 8, 16)  # fmt: skip
-        assert (config.dirichlet_alpha, config.partition_column) == (0.3, "activity_label")
-        assert config.batch_size * config.gradient_accumulation_steps == 8
-    elif config.task_type == "image_cls":
-        assert (config.num_clients, config.clients_per_round, config.num_rounds, config.r, config.lora_alpha) == (
-            5, None, 10, 2, 4)  # fmt: skip
-        assert config.use_rslora and config.method_kwargs["gamma"] == 256 and config.local_epochs == 1
-        assert config.local_steps is None and config.training_kwargs["optim"] == "sgd"
+    config = _preset(preset)
+    assert config["method"] in ("fedsmoothlora", "subspace_reg")
+    if config["method"] == "subspace_reg":
+        assert (config["num_clients"], config["clients_per_round"], config["num_rounds"], config["r"],
+                config["lora_alpha"]) == (10, 3, 20, 8, 16)  # fmt: skip
+        assert (config["dirichlet_alpha"], config["partition_column"]) == (0.3, "activity_label")
+        assert config["per_device_train_batch_size"] * config["gradient_accumulation_steps"] == 8
+        assert config["mu"] == 0.05 and config["clip_norm"] in (15.0, 25.0)
+    elif config["task_type"] == "image_cls":
+        assert (config["num_clients"], config["clients_per_round"], config["num_rounds"], config["r"],
+                config["lora_alpha"]) == (5, None, 10, 2, 4)  # fmt: skip
+        assert config["use_rslora"] and config["gamma"] == 256 and config["local_epochs"] == 1
+        assert config["optim"] == "sgd" and config["optim_args"] == "momentum=0.9"
     else:
-        assert (config.num_clients, config.num_rounds, config.local_steps, config.r, config.lora_alpha) == (
+        assert (config["num_clients"], config["num_rounds"], config["local_steps"], config["r"], config["lora_alpha"]) == (
             3, 10, 200, 32, 64)  # fmt: skip
-        assert config.method_kwargs["gamma"] == 64 and config.learning_rate == 2e-5
+        assert config["gamma"] == 64 and config["learning_rate"] == 2e-5
 
 
 @pytest.mark.parametrize("preset", sorted(CASES))
@@ -104,16 +115,16 @@ def test_preset_runs_one_round_on_a_stand_in(preset, tmp_path):
     )
     overrides = dict(model=model, dataset_kwargs={"path": str(fixture)}, num_rounds=1, max_length=64,
                      output_dir=str(tmp_path / "run"), bf16=False, use_cpu=True)  # fmt: skip
-    preset_config = FederatedRunConfig.from_yaml(PRESETS / preset)
-    if preset_config.local_steps is not None:
+    preset_config = _preset(preset)
+    if preset_config.get("local_epochs") is None:
         overrides["local_steps"] = 2  # the real presets run 4 to 200 steps
-    if preset_config.max_train_samples:
-        overrides["max_train_samples"] = min(preset_config.max_train_samples, 70)
+    if preset_config["max_train_samples"]:
+        overrides["max_train_samples"] = min(preset_config["max_train_samples"], 70)
     config = FederatedRunConfig.from_yaml(PRESETS / preset, **overrides)
     result = run_federated(config)
     (row,) = result.history
-    assert row["method"] == preset_config.method
-    assert len(row["clients"]) == (preset_config.clients_per_round or preset_config.num_clients)
+    assert row["method"] == preset_config["method"]
+    assert len(row["clients"]) == (preset_config["clients_per_round"] or preset_config["num_clients"])
     assert np.isfinite(row["train_loss"]) and 0.0 <= row["eval_accuracy"] <= 1.0
     adapter = json.loads((tmp_path / "run" / "final" / "adapter_config.json").read_text())
     # merging methods export at the smallest rank within 1 % of the federated model, never below 1
