@@ -264,11 +264,9 @@ class HyperparameterField:
 
 def method_hyperparameters_class(method: str) -> type:
     """The dataclass of ``method``'s hyperparameters (``peft_fed.strategies.method_hyperparameters``)."""
-    from .. import strategies
+    from ..strategies import method_hyperparameters
 
-    if hasattr(strategies, "method_hyperparameters"):
-        return strategies.method_hyperparameters(method)
-    return strategies.STRATEGIES[strategies.canonical_method_name(method)].Hyperparameters
+    return method_hyperparameters(method)
 
 
 def method_hyperparameter_fields() -> dict[str, HyperparameterField]:
