@@ -1,6 +1,7 @@
 """Federated LoRA methods behind one interface (:class:`Strategy`), one file per method."""
 
 from .base import (
+    AggregationError,
     AggregationResult,
     GradientFn,
     InvalidUploadError,
@@ -21,6 +22,7 @@ from .registry import STRATEGIES, build_strategy, canonical_method_name, get_str
 from .subspace_reg import SubspaceReg
 
 __all__ = [
+    "AggregationError",
     "AggregationResult",
     "GradientFn",
     "InvalidUploadError",

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import math
+import numbers
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -50,7 +51,14 @@ InvalidUploadPolicy = Literal["drop", "raise"]
 
 
 class InvalidUploadError(ValueError):
-    """An upload that does not match the model (missing layer, wrong shape, NaN/Inf, no samples)."""
+    """An upload that does not match the model (missing or unknown layer, tensor or extra, wrong shape,
+    NaN/Inf, a sample count that is not a positive integer, a client id that is not a str/int, a duplicate)."""
+
+
+class AggregationError(ValueError):
+    """An aggregation that would give a non-finite server state (NaN/Inf in a layer tensor, an extra or the
+    backbone update) or whose linear algebra failed. The whole round is rejected under both policies (no
+    single client can be blamed in general); the server state is left unchanged."""
 
 
 class NoValidUploadsError(RuntimeError):
@@ -77,6 +85,50 @@ class AggregationResult:
     accepted: list[str]
     weights: list[float]
     dropped: list[tuple[str, str]] = field(default_factory=list)
+
+
+def _client_key(client_id: object) -> str | None:
+    """The normalised id of a client (``0`` and ``"0"`` are one client), or ``None`` if it is not a str/int."""
+    if isinstance(client_id, str):
+        return client_id
+    if isinstance(client_id, numbers.Integral) and not isinstance(client_id, bool):
+        return str(int(client_id))
+    return None
+
+
+def _sample_count(num_samples: object) -> int | None:
+    """``num_samples`` as a positive ``int``, or ``None`` if it is not a finite positive integral number.
+
+    An integral float (``2.0``, as JSON or a Flower config may carry a count) is accepted as that int;
+    ``bool`` is not a count.
+    """
+    if isinstance(num_samples, bool):
+        return None
+    if isinstance(num_samples, numbers.Integral):
+        count = int(num_samples)
+    elif isinstance(num_samples, numbers.Real) and math.isfinite(num_samples) and float(num_samples).is_integer():
+        count = int(num_samples)
+    else:
+        return None
+    return count if count > 0 else None
+
+
+def _first_non_finite(
+    layers: LayerTensors, extras: Mapping[str, torch.Tensor], backbone_update: Mapping[str, LowRank]
+) -> str | None:
+    """Where a NaN/Inf sits in a new server state (one ``isfinite`` pass per tensor), or ``None``."""
+    for name, tensors in layers.items():
+        for key, tensor in tensors.items():
+            if not torch.isfinite(tensor).all():
+                return f"layer {name!r} tensor {key!r}"
+    for key, tensor in extras.items():
+        if not torch.isfinite(tensor).all():
+            return f"extra tensor {key!r}"
+    for name, update in backbone_update.items():
+        for key in ("B", "A"):
+            if not torch.isfinite(getattr(update, key)).all():
+                return f"backbone update of layer {name!r} factor {key!r}"
+    return None
 
 
 def pick_factors(factors: Mapping[str, LowRank], keys: Sequence[str]) -> LayerTensors:
@@ -106,9 +158,10 @@ class Strategy(ABC):
     Args:
         specs: the adapted layers, ``{layer name: LayerSpec}``.
         seed: seeds every random tensor the method creates (initial factors), so runs are reproducible.
-        invalid_upload: ``"drop"`` (default) drops an invalid upload, logs why and aggregates the rest;
-            ``"raise"`` rejects the whole aggregation with :class:`InvalidUploadError`. In both cases the
-            server state never half-changes.
+        invalid_upload: ``"drop"`` (default) drops an invalid upload, logs why (once, through the logger) and
+            aggregates the rest; ``"raise"`` rejects the whole aggregation with :class:`InvalidUploadError`.
+            An aggregation whose result would be non-finite is rejected whole with :class:`AggregationError`
+            under both policies. In every case the server state never half-changes.
         dtype: dtype of the factors the method creates and aggregates in.
         num_rounds: the length of the run, for methods whose hyperparameters follow a schedule over rounds
             (every runtime passes it; ``None`` when unknown).
@@ -225,20 +278,47 @@ class Strategy(ABC):
         return {name: dict(tensors) for name, tensors in state.layers.items()}
 
     def aggregate(self, state: ServerState, uploads: Sequence[Upload]) -> AggregationResult:
-        """Validate the uploads, weight them by sample count, and compute the next server state."""
+        """Validate the uploads, weight them by sample count, and compute the next server state.
+
+        An upload is valid when every one of its keys is accounted for: exactly the method's layers, each
+        holding exactly the :attr:`uploaded` tensors (right shape, finite), exactly the server's extras
+        (right shape, finite); ``num_samples`` a positive integer (an ``int``, or a finite float with an
+        integral value such as ``2.0``, counted as that int; ``bool``, NaN, Inf and fractions are refused);
+        ``client_id`` a ``str`` or an ``int``, normalised with ``str`` before the duplicate check (``0``
+        and ``"0"`` are one client) and reported so in ``accepted``. Invalid uploads are handled by the
+        ``invalid_upload`` policy.
+
+        The new server state (layers, extras, backbone update) is checked finite before it is returned;
+        if it is not, or the method's linear algebra fails (``torch.linalg.LinAlgError``), the round is
+        rejected whole with :class:`AggregationError` under both policies, the state unchanged.
+        """
         valid, dropped = self._validate(state, uploads)
         if not valid:
             raise NoValidUploadsError(
                 f"round {state.round}: no valid upload to aggregate "
                 f"({'; '.join(f'{c}: {r}' for c, r in dropped) or 'no uploads'}); the server state is unchanged"
             )
-        weights = sample_weights(u.num_samples for u in valid)
-        new_layers, backbone_update, global_B = self._aggregate_layers(state, valid, weights)
+        weights = sample_weights(_sample_count(u.num_samples) for u in valid)
+        accepted = [_client_key(u.client_id) for u in valid]
+        try:
+            new_layers, backbone_update, global_B = self._aggregate_layers(state, valid, weights)
+        except torch.linalg.LinAlgError as error:
+            raise AggregationError(
+                f"round {state.round}: aggregation rejected: linear algebra failed in {self.name} ({error}) "
+                f"aggregating clients {accepted} (uploads too large for {self.dtype} or numerically broken); "
+                "the server state is unchanged"
+            ) from error
         new_layers = {n: {k: t.contiguous() for k, t in tensors.items()} for n, tensors in new_layers.items()}
         new_extras = {
             key: sum(w * u.extras[key].to(torch.float64) for w, u in zip(weights, valid, strict=True)).to(value.dtype)
             for key, value in state.extras.items()
         }
+        non_finite = _first_non_finite(new_layers, new_extras, backbone_update)
+        if non_finite is not None:
+            raise AggregationError(
+                f"round {state.round}: aggregation rejected: the new server state would contain NaN or Inf in "
+                f"{non_finite} ({self.name}, clients {accepted}); the server state is unchanged"
+            )
         history = list(state.backbone_history)
         if backbone_update:
             history.append(backbone_update)
@@ -249,7 +329,7 @@ class Strategy(ABC):
             state=new_state,
             backbone_update=backbone_update,
             global_B=global_B,
-            accepted=[u.client_id for u in valid],
+            accepted=accepted,
             weights=weights,
             dropped=dropped,
         )
@@ -267,42 +347,58 @@ class Strategy(ABC):
         dropped: list[tuple[str, str]] = []
         seen: set[str] = set()
         for upload in uploads:
+            key = _client_key(upload.client_id)
             problem = self._upload_problem(state, upload)
-            if problem is None and upload.client_id in seen:
-                problem = "duplicate upload from the same client in one round"
+            if problem is None and key in seen:
+                problem = f"duplicate upload from the same client in one round (client id {key!r})"
             if problem is None:
                 valid.append(upload)
-                seen.add(upload.client_id)
+                seen.add(key)
                 continue
             message = f"round {state.round}: upload of client {upload.client_id!r} rejected: {problem}"
             if self.invalid_upload == "raise":
                 raise InvalidUploadError(message + " (invalid_upload='raise': nothing was aggregated)")
             logger.warning(message + "; dropping this client for the round")
-            dropped.append((upload.client_id, problem))
+            dropped.append((key if key is not None else repr(upload.client_id), problem))
         return valid, dropped
 
     def _upload_problem(self, state: ServerState, upload: Upload) -> str | None:
-        if upload.num_samples <= 0:
-            return f"num_samples must be positive, got {upload.num_samples}"
+        """Why ``upload`` cannot be aggregated (``None``: it can). Every key of the upload is accounted for."""
+        if _client_key(upload.client_id) is None:
+            return f"client id must be a str or an int, got {type(upload.client_id).__name__} {upload.client_id!r}"
+        if _sample_count(upload.num_samples) is None:
+            return f"num_samples must be positive and a finite integer count, got {upload.num_samples!r}"
         missing = sorted(set(self.specs) - set(upload.layers))
         if missing:
             return f"missing layer(s) {missing[:3]}{'...' if len(missing) > 3 else ''}"
-        unknown = sorted(set(upload.layers) - set(self.specs))
+        unknown = sorted(set(upload.layers) - set(self.specs), key=repr)
         if unknown:
             return f"unknown layer(s) {unknown[:3]}"
         for name, spec in self.specs.items():
             tensors = upload.layers[name]
+            if not isinstance(tensors, Mapping):
+                return f"layer {name!r} is a {type(tensors).__name__}, not a mapping of tensors"
+            unexpected = sorted(set(tensors) - set(self.uploaded), key=repr)
+            if unexpected:
+                return f"layer {name!r} has unexpected tensor(s) {unexpected} ({self.name} uploads {list(self.uploaded)})"
             for key in self.uploaded:
                 if key not in tensors:
                     return f"layer {name!r} lacks tensor {key!r}"
+                if not isinstance(tensors[key], torch.Tensor):
+                    return f"layer {name!r} tensor {key!r} is a {type(tensors[key]).__name__}, not a tensor"
                 expected = self._uploaded_shape(spec, key)
                 if tuple(tensors[key].shape) != expected:
                     return f"layer {name!r} tensor {key!r} has shape {tuple(tensors[key].shape)}, expected {expected}"
                 if not torch.isfinite(tensors[key]).all():
                     return f"layer {name!r} tensor {key!r} contains NaN or Inf"
+        unknown_extras = sorted(set(upload.extras) - set(state.extras), key=repr)
+        if unknown_extras:
+            return f"unknown extra tensor(s) {unknown_extras[:3]} (the server state has no such extra)"
         for key, reference in state.extras.items():
             if key not in upload.extras:
                 return f"missing extra tensor {key!r}"
+            if not isinstance(upload.extras[key], torch.Tensor):
+                return f"extra tensor {key!r} is a {type(upload.extras[key]).__name__}, not a tensor"
             if upload.extras[key].shape != reference.shape:
                 return f"extra tensor {key!r} has shape {tuple(upload.extras[key].shape)}, expected {tuple(reference.shape)}"
             if not torch.isfinite(upload.extras[key]).all():
