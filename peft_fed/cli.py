@@ -18,7 +18,11 @@ every ``transformers.TrainingArguments`` field (``--learning_rate``, ``--per_dev
 Parsing happens in two steps so that ``--help`` and mistakes answer in a moment: the run's own settings and
 the hyperparameters are parsed and validated without transformers (torch only, for the method registry); the
 remaining ``TrainingArguments`` flags go to ``HfArgumentParser`` once transformers is imported. Every error
-the command line can detect before a model loads is one ``error: ...`` line on stderr and exit status 2.
+the command line can detect before a model loads is one ``error: ...`` line on stderr and exit status 2; so is a
+``ValueError``/``OSError`` that the user's input causes later, while the run sets up its data, model, adapter
+and folders or exports (a Hub id that cannot be loaded, a truncated adapter file...): ``--log_level debug``
+shows its traceback. Anything raised inside the training loop, and any other exception, keeps its traceback.
+YAML values are type-checked as flags are (:mod:`peft_fed.runtime.run_arguments` lists the rules).
 """
 
 from __future__ import annotations
@@ -62,6 +66,43 @@ def settings_errors():
         yield
     except ValueError as error:
         raise CliError(str(error).splitlines()[0] if str(error) else repr(error)) from None
+
+
+# Errors of a run that a user's input causes (a model, dataset, adapter or folder that is missing or unreadable, a
+# setting the data or model contradicts): one line unless --log_level debug. Raised inside the training loop
+# (FederatedTrainer.train) they are failures of the training itself and keep their traceback.
+_USER_INPUT_ERRORS = (ValueError, OSError)
+_DEBUG_HINT = " (--log_level debug shows the traceback)"
+
+
+def _one_line(error: BaseException) -> str:
+    text = next((line.strip() for line in str(error).splitlines() if line.strip()), "")
+    return text or type(error).__name__
+
+
+def _raised_in_training(error: BaseException) -> bool:
+    trainer = sys.modules.get("peft_fed.runtime.trainer")
+    train = getattr(getattr(trainer, "FederatedTrainer", None), "train", None)
+    code = getattr(train, "__code__", None)
+    tb = error.__traceback__
+    while tb is not None:
+        if tb.tb_frame.f_code is code:
+            return True
+        tb = tb.tb_next
+    return False
+
+
+@contextlib.contextmanager
+def run_errors(log_level: str = "passive"):
+    """Around a run: a ``ValueError``/``OSError`` caused by the user's input (raised while the data, model,
+    adapter or output folder are set up, or by the export) becomes a :class:`CliError` (one line, exit 2);
+    with ``--log_level debug``, and for anything raised inside the training loop, the traceback stays."""
+    try:
+        yield
+    except _USER_INPUT_ERRORS as error:
+        if log_level == "debug" or _raised_in_training(error):
+            raise
+        raise CliError(_one_line(error) + _DEBUG_HINT) from None
 
 
 class _Parser(argparse.ArgumentParser):
@@ -244,11 +285,13 @@ def _log_level(settings: dict[str, Any]) -> str:
 
 def _train(args: argparse.Namespace, rest: Sequence[str]) -> int:
     settings = run_settings(args, rest)
-    configure_logging(_log_level(settings))
+    log_level = _log_level(settings)
+    configure_logging(log_level)
     config = _run_config(settings, args)
     from .runtime.pipeline import format_round_table, run_federated
 
-    result = run_federated(config)
+    with run_errors(log_level):
+        result = run_federated(config)
     if _is_main_process():
         print(format_round_table(result.history))
         last = result.history[-1]
@@ -315,7 +358,8 @@ def _compare_configs(args: argparse.Namespace, settings: dict[str, Any], root: P
 
 def _compare(args: argparse.Namespace, rest: Sequence[str]) -> int:
     settings = run_settings(args, rest, methods=args.methods)
-    configure_logging(_log_level(settings))
+    log_level = _log_level(settings)
+    configure_logging(log_level)
     from .plotting import plot_runs
     from .runtime.pipeline import FederatedRunConfig, run_federated
 
@@ -325,7 +369,8 @@ def _compare(args: argparse.Namespace, rest: Sequence[str]) -> int:
     results: dict[str, dict[str, Any]] = {}
     run_dirs: list[Path] = []
     for (method, seed), config in configs.items():
-        result = run_federated(config)
+        with run_errors(log_level):
+            result = run_federated(config)
         results.setdefault(method, {})[str(seed)] = summarize_run(result.history)
         run_dirs.append(Path(config.training_args.output_dir))
     if not _is_main_process():
@@ -381,37 +426,65 @@ def _read_run(run_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     return documents[0], documents[1]
 
 
+def _flag_names(message: str) -> str:
+    """An export message in the Python API's words, in the flags' (``rank`` -> ``--rank``...)."""
+    import re
+
+    for python, flag in (("max_relative_error", "--max_error"), ("overwrite=True", "--overwrite"), ("max_rank", "--rank")):
+        message = message.replace(python, flag)
+    return re.sub(r"(?<![-\w])rank must", "--rank must", message)
+
+
 def _export(args: argparse.Namespace, rest: Sequence[str]) -> int:
     run_dir = Path(args.run_dir)
     config, adapter_config = _read_run(run_dir)
+    if args.rank is None and args.max_error is None and not args.merged:
+        raise CliError("give the size of the export: --rank N (that rank), --max_error E (the smallest rank with "
+                       "relative error below E, e.g. 0.01) or --merged (the full merged model)")  # fmt: skip
     if args.rank is not None and args.rank < 1:
         raise CliError(f"--rank must be >= 1, got {args.rank}")
-    if args.max_error is not None and args.max_error <= 0:
-        raise CliError(f"--max_error must be > 0, got {args.max_error}")
+    if args.max_error is not None and not 0 < args.max_error < 1:
+        raise CliError(f"--max_error must be in (0, 1) (a relative error, e.g. 0.01), got {args.max_error}")
+    output = Path(args.output_dir)
+    if output.exists() and not output.is_dir():
+        raise CliError(f"--output_dir {str(output)!r} exists and is not a folder")
+    if output.is_dir() and any(output.iterdir()) and not args.overwrite:
+        raise CliError(f"--output_dir {str(output)!r} exists and is not empty: add --overwrite to write over it "
+                       "(files the export does not write are kept), or give another folder")  # fmt: skip
+    final = run_dir / "final"
+    from .export.files import check_adapter_files
+
+    try:
+        check_adapter_files(final)
+    except (ValueError, OSError) as error:
+        raise CliError(_one_line(error)) from None
     from peft import PeftModel
 
     from . import peft_bridge
     from .export import FederatedRunInfo, export_adapter, export_merged, push_to_hub
     from .modeling import load_model_and_tokenizer
 
-    final = run_dir / "final"
-    base, tokenizer = load_model_and_tokenizer(config["model"], config["task_type"])
-    model = PeftModel.from_pretrained(base, final)
-    original = peft_bridge.base_weights(model)
-    output = Path(args.output_dir)
-    if args.merged:
-        export_merged(model, output, tokenizer=tokenizer, overwrite=args.overwrite)
-        print(f"merged model written to {output}")
-    else:
-        info = FederatedRunInfo(method=config["method"], rounds=config["num_rounds"], num_clients=config["num_clients"],
-                                clients_per_round=config.get("clients_per_round"), seed=config["seed"],
-                                base_model=adapter_config.get("base_model_name_or_path"), dataset=config["dataset"])
-        report = export_adapter(model, original, output, rank=args.rank, max_relative_error=args.max_error,
-                                run_info=info, tokenizer=tokenizer, overwrite=args.overwrite)
-        print(f"adapter written to {output}: rank {report.rank}, relative error {report.relative_error:.4g}")
-    if args.push_to_hub:
-        url = push_to_hub(output, args.push_to_hub, private=args.private)
-        print(f"pushed to {url}")
+    try:
+        with run_errors():
+            base, tokenizer = load_model_and_tokenizer(config["model"], config["task_type"])
+            model = PeftModel.from_pretrained(base, final)
+            original = peft_bridge.base_weights(model)
+            if args.merged:
+                export_merged(model, output, tokenizer=tokenizer, overwrite=args.overwrite)
+                print(f"merged model written to {output}")
+            else:
+                info = FederatedRunInfo(method=config["method"], rounds=config["num_rounds"],
+                                        num_clients=config["num_clients"], clients_per_round=config.get("clients_per_round"),
+                                        seed=config["seed"], base_model=adapter_config.get("base_model_name_or_path"),
+                                        dataset=config["dataset"])  # fmt: skip
+                report = export_adapter(model, original, output, rank=args.rank, max_relative_error=args.max_error,
+                                        run_info=info, tokenizer=tokenizer, overwrite=args.overwrite)  # fmt: skip
+                print(f"adapter written to {output}: rank {report.rank}, relative error {report.relative_error:.4g}")
+            if args.push_to_hub:
+                url = push_to_hub(output, args.push_to_hub, private=args.private)
+                print(f"pushed to {url}")
+    except CliError as error:
+        raise CliError(_flag_names(str(error)).replace(_DEBUG_HINT, "")) from None
     return 0
 
 

@@ -16,6 +16,7 @@ into the loaded base model.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import logging
 import os
@@ -182,6 +183,22 @@ def load_tokenizer(model_name_or_path: str | os.PathLike, **kwargs: Any):
     return tokenizer
 
 
+@contextlib.contextmanager
+def _model_load_errors(model_name_or_path: str | os.PathLike, resolved: ResolvedModel):
+    """A model that cannot be found (a missing folder, a Hub id that is wrong, private or not cached offline) as
+    one ``OSError`` line naming it and what to give instead, instead of transformers' chained errors."""
+    try:
+        yield
+    except (OSError, HFValidationError) as err:
+        reason = next((line.strip() for line in str(err).splitlines() if line.strip()), type(err).__name__)
+        where = "" if str(resolved.source) == str(model_name_or_path) else f" (from {resolved.source})"
+        raise OSError(
+            f"cannot load model {str(model_name_or_path)!r}{where}: {reason.rstrip('.')}. Give a model alias "
+            f"({', '.join(a for a in MODEL_ALIASES if '/' not in a)}), a Hub id you can reach (or have in the "
+            "cache when offline) or an existing model folder (with config.json) or .gguf file."
+        ) from err
+
+
 def load_model_and_tokenizer(
     model_name_or_path: str | os.PathLike,
     task_type: str,
@@ -211,11 +228,12 @@ def load_model_and_tokenizer(
     if task_type not in TASK_TYPES:
         raise ValueError(f"Unknown task_type '{task_type}'; choose one of {list(TASK_TYPES)}.")
     resolved = resolve_model_source(model_name_or_path)
-    if task_type == "image_cls":
-        tokenizer = AutoImageProcessor.from_pretrained(resolved.source)
-        model_kwargs.setdefault("ignore_mismatched_sizes", True)
-    else:
-        tokenizer = load_tokenizer(model_name_or_path)
+    with _model_load_errors(model_name_or_path, resolved):
+        if task_type == "image_cls":
+            tokenizer = AutoImageProcessor.from_pretrained(resolved.source)
+            model_kwargs.setdefault("ignore_mismatched_sizes", True)
+        else:
+            tokenizer = load_tokenizer(model_name_or_path)
     kwargs: dict[str, Any] = {"dtype": _resolve_dtype(dtype), **resolved.load_kwargs, **model_kwargs}
     if task_type in CLASSIFICATION_TASK_TYPES:
         if label_names is not None:
@@ -230,7 +248,10 @@ def load_model_and_tokenizer(
         kwargs["num_labels"] = num_labels
     auto_class = _AUTO_CLASSES[task_type]
     try:
-        model, loading_info = auto_class.from_pretrained(resolved.source, output_loading_info=True, **kwargs)
+        with _model_load_errors(model_name_or_path, resolved):
+            model, loading_info = auto_class.from_pretrained(
+                resolved.source, output_loading_info=True, **kwargs
+            )
     except ValueError as err:
         if "Unrecognized configuration class" in str(err):
             raise ValueError(

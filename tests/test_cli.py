@@ -163,6 +163,9 @@ BAD_INPUTS = {
     "compare hyperparameter nobody takes": (["compare", "--methods", "fedit", "flora", "--mu", "1"], "takes mu"),
     "export of a missing run": (["export", "--run_dir", "missing", "--output_dir", "out"], "'missing' is not a folder"),
     "export of an unfinished run": (["export", "--run_dir", ".", "--output_dir", "out"], "run_config.json does not exist"),
+    "missing model path": (["train", "--model", "/nonexistent"], "model '/nonexistent' does not exist: give a model alias"),
+    "YAML word for an integer": (["train", "--config", "{word_yaml}"], "num_clients (in "),
+    "YAML fraction for an integer": (["train", "--config", "{fraction_yaml}"], "clients_per_round (in "),
 }
 
 
@@ -173,6 +176,8 @@ def test_bad_input_is_one_error_line_exit_2_and_fast(case, tmp_path, time_limit)
         "bad_yaml": _write(tmp_path / "bad.yaml", "method: fedit\nnum_rounds: [\n"),
         "list_yaml": _write(tmp_path / "list.yaml", "- a\n- b\n"),
         "bad_value_yaml": _write(tmp_path / "value.yaml", "num_rounds: many\n"),
+        "word_yaml": _write(tmp_path / "word.yaml", "num_clients: four\n"),
+        "fraction_yaml": _write(tmp_path / "fraction.yaml", "clients_per_round: 2.5\n"),
     }
     argv = [a.format(**files) if a.startswith("{") and a.strip("{}") in files else a for a in argv]
     done, seconds = _peft_fed(*argv, cwd=tmp_path)
@@ -182,6 +187,51 @@ def test_bad_input_is_one_error_line_exit_2_and_fast(case, tmp_path, time_limit)
     assert expected in lines[0]
     assert "Traceback" not in done.stderr
     assert seconds < time_limit, f"{case}: {seconds:.1f} s"
+
+
+def _failing_run(error: BaseException, monkeypatch=None):
+    """A stand-in for run_federated that raises ``error`` while setting up or, given ``monkeypatch``, inside
+    FederatedTrainer.train (replaced by a function that raises it)."""
+    from peft_fed.runtime.trainer import FederatedTrainer
+
+    def train(self, *args, **kwargs):
+        raise error
+
+    if monkeypatch is not None:
+        monkeypatch.setattr(FederatedTrainer, "train", train)
+
+    def run(config):
+        if monkeypatch is not None:
+            FederatedTrainer.train(None)
+        raise error
+
+    return run
+
+
+@pytest.mark.parametrize("error", [ValueError("data.jsonl has no column 'label'"),
+                                   FileNotFoundError("no such file: data.jsonl"), OSError("cannot load model 'x'")])  # fmt: skip
+def test_errors_of_the_users_input_inside_a_run_are_one_line(monkeypatch, capsys, error):
+    import peft_fed.runtime.pipeline as pipeline
+
+    monkeypatch.setattr(pipeline, "run_federated", _failing_run(error))
+    assert main(["train", "--num_rounds", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err.splitlines() == [f"error: {error} (--log_level debug shows the traceback)"]
+    with pytest.raises(type(error)):  # the traceback on demand
+        main(["train", "--num_rounds", "1", "--log_level", "debug"])
+
+
+@pytest.mark.parametrize("error", [ValueError("shape mismatch"), RuntimeError("CUDA out of memory"), KeyError("x")])
+def test_failures_of_the_training_itself_keep_their_traceback(monkeypatch, error):
+    import peft_fed.runtime.pipeline as pipeline
+
+    monkeypatch.setattr(pipeline, "run_federated", _failing_run(error, monkeypatch))
+    with pytest.raises(type(error)):
+        main(["train", "--num_rounds", "1"])
+    monkeypatch.setattr(pipeline, "run_federated", _failing_run(error))
+    if not isinstance(error, (ValueError, OSError)):  # not input errors: traceback wherever they are raised
+        with pytest.raises(type(error)):
+            main(["train", "--num_rounds", "1"])
 
 
 def test_version_help_and_bare_command(tmp_path, time_limit):

@@ -603,3 +603,22 @@ def test_loading_snippet_is_valid_python_with_an_auto_class_fallback():
     snippet = model_card_module._loading_snippet(report, "org/base", "MyRemoteCodeModel", "SEQ_CLS", 3)
     assert 'AutoModelForSequenceClassification.from_pretrained("org/base", num_labels=3)' in snippet
     compile(snippet, "<card>", "exec")
+
+
+def test_truncated_adapter_file_is_named_before_loading(small_export):
+    from peft_fed.export import check_adapter_files
+
+    model, original, tmp = small_export
+    out = tmp / "to_truncate"
+    export_adapter(model, original, out, rank=1)
+    check_adapter_files(out)  # a whole export passes
+    weights = out / "adapter_model.safetensors"
+    data = weights.read_bytes()
+    for cut in (3, 100, len(data) - 1):
+        weights.write_bytes(data[:cut])
+        with pytest.raises(ValueError, match=r"adapter_model.safetensors is truncated or corrupt") as error:
+            check_adapter_files(out)
+        assert "\n" not in str(error.value)
+    weights.unlink()
+    with pytest.raises(FileNotFoundError, match="holds no adapter weights"):
+        check_adapter_files(out)

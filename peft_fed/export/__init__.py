@@ -20,10 +20,12 @@ existing adapter, is loading: :func:`peft_fed.modeling.load_initial_adapter`.
 
 Modules: ``report`` (:class:`FederatedRunInfo`, :class:`ExportReport`), ``adapter`` (the cumulative change and
 its low-rank compression, :func:`export_adapter`), ``merged`` (:func:`export_merged`), ``model_card``, ``hub``
-(:func:`push_to_hub`).
+(:func:`push_to_hub`), ``files`` (:func:`check_adapter_files`: a truncated or corrupt saved adapter named before
+loading).
 """
 
 from .adapter import cumulative_change, export_adapter
+from .files import check_adapter_files, check_safetensors_file
 from .hub import push_to_hub
 from .merged import export_merged
 from .report import REPORT_FILE, ExportReport, FederatedRunInfo
@@ -32,6 +34,8 @@ __all__ = [
     "REPORT_FILE",
     "ExportReport",
     "FederatedRunInfo",
+    "check_adapter_files",
+    "check_safetensors_file",
     "cumulative_change",
     "export_adapter",
     "export_merged",

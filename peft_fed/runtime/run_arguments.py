@@ -18,6 +18,21 @@ bf16, DeepSpeed...). A YAML run file and the command line use the same flat keys
 
 Every ``__post_init__`` raises a one-line ``ValueError`` for a bad value, so the command line can reject it
 before any model loads.
+
+Types (:func:`coerce`; the same rules for flags, YAML keys, ``FederatedRunConfig.from_dict``/``run_federated``
+keywords and these dataclasses built directly):
+
+* a number field takes a number or a string that is exactly one: ``learning_rate: 1e-3`` (a *string* to
+  YAML 1.1) is the float ``0.001``; ``"1e-3x"``, ``"nan"`` and NaN itself are refused;
+* an integer field takes an integer, an integral float (``2.0``) or a string of digits (``num_rounds: "1"``
+  is ``1``); ``2.5``, ``"1e1"`` and ``"four"`` are refused;
+* a boolean field takes ``true``/``false`` or, as argparse does, the strings ``true/false/yes/no/1/0`` in any
+  case (and the integers 1/0); never truthiness: ``use_cpu: 'no'`` is false, ``resume: 2`` is an error;
+* a string field takes a string (a number is written as its text); a choice field one of its choices;
+* a list or a mapping where one value is expected is refused; ``TrainingArguments`` fields of those scalar
+  types get the same checks (the others, e.g. ``report_to``, are left to transformers).
+
+Each refusal is one line naming the key (and the YAML file it came from).
 """
 
 from __future__ import annotations
@@ -25,6 +40,10 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import math
+import numbers
+import os
+import re
 import types
 import typing
 from collections.abc import Mapping
@@ -49,6 +68,25 @@ def _check(condition: bool, message: str) -> None:
         raise ValueError(message)
 
 
+def _coerce_fields(obj: Any, cls: type | None = None) -> None:
+    """Give every init field of ``obj`` (those of ``cls``, default its own class) its declared type
+    (:func:`coerce`): the Python API gets the checks of the command line and YAML."""
+    for name, hint in field_hints(cls or type(obj)).items():
+        setattr(obj, name, coerce(name, getattr(obj, name), hint))
+
+
+# a path-looking model value: absolute, ./ ../ ~, a backslash, more than one '/', or a .gguf file
+def _looks_like_path(value: str) -> bool:
+    return (
+        value.startswith(("/", "./", "../", "~", ".\\")) or value in (".", "..") or "\\" in value
+        or value.count("/") > 1 or value.lower().endswith(".gguf")
+    )  # fmt: skip
+
+
+MODEL_FIX = ("give a model alias (all-MiniLM-L6-v2, SmolLM2-135M-Instruct), a Hub id (org/name) or an existing "
+             "model folder (with config.json) or .gguf file")  # fmt: skip
+
+
 @dataclass
 class ModelArguments:
     """Which model to fine-tune."""
@@ -66,7 +104,15 @@ class ModelArguments:
     )
 
     def __post_init__(self) -> None:
+        _coerce_fields(self)
         _check(bool(self.model), "model must not be empty")
+        path = Path(self.model).expanduser()
+        if _looks_like_path(self.model) and not path.exists():
+            raise ValueError(f"model {self.model!r} does not exist: {MODEL_FIX}")
+        if path.is_dir() and not (path / "config.json").is_file() and not any(path.glob("*.gguf")):
+            raise ValueError(f"model {self.model!r} is a folder without config.json or a .gguf file: {MODEL_FIX}")
+        if self.model.startswith("~"):
+            self.model = str(path)
         _check(self.task_type is None or self.task_type in TASK_TYPES,
                f"task_type must be one of {TASK_TYPES}, got {self.task_type!r}")  # fmt: skip
 
@@ -101,6 +147,7 @@ class DataArguments:
     max_length: int = field(default=48, metadata={"help": "Maximum tokens per example (text tasks)."})
 
     def __post_init__(self) -> None:
+        _coerce_fields(self)
         _check(bool(self.dataset), "dataset must not be empty")
         _check(self.dataset in DATASET_NAMES or Path(self.dataset).exists(),
                f"dataset {self.dataset!r} is neither a registered dataset ({', '.join(DATASET_NAMES)}) "
@@ -130,6 +177,7 @@ class LoraArguments:
     )
 
     def __post_init__(self) -> None:
+        _coerce_fields(self)
         _check(self.r >= 1, f"r must be >= 1, got {self.r}")
         _check(self.lora_alpha > 0, f"lora_alpha must be > 0, got {self.lora_alpha}")
         _check(0.0 <= self.lora_dropout < 1.0, f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
@@ -149,6 +197,7 @@ class ExportArguments:
     )  # fmt: skip
 
     def __post_init__(self) -> None:
+        _coerce_fields(self)
         _check(self.export_rank is None or self.export_rank >= 1, f"export_rank must be >= 1, got {self.export_rank}")
         _check(self.export_max_error is None or self.export_max_error > 0,
                f"export_max_error must be > 0, got {self.export_max_error}")  # fmt: skip
@@ -185,6 +234,11 @@ class FederatedArguments:
     eval_every: int = field(default=1, metadata={"help": "Evaluate the global model every this many rounds (0: only at the end)."})
     save_every: int = field(default=0, metadata={"help": "Checkpoint the whole federated state every this many rounds (0: never)."})
     resume: bool = field(default=False, metadata={"help": "Resume from the last checkpoint under output_dir/checkpoints."})
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={"help": "Replace the run already in output_dir (its metrics, checkpoints, final/); without it a "
+                  "new run into a folder that holds one is refused."},
+    )  # fmt: skip
     invalid_upload: Literal["drop", "raise"] = field(
         default="drop", metadata={"help": "'drop' an invalid client upload (NaN, wrong shape) or 'raise'."}
     )
@@ -208,6 +262,7 @@ class FederatedArguments:
     def validate_federation(self) -> None:
         from ..strategies import canonical_method_name
 
+        _coerce_fields(self, FederatedArguments)  # only the federation's fields (TrainingArguments checks its own)
         canonical_method_name(self.method)  # ValueError naming the choices
         if self.local_epochs is not None:
             self.local_steps = None
@@ -334,9 +389,15 @@ def validate_method_hyperparameters(method: str, values: Mapping[str, Any]) -> A
 # ---------------------------------------------------------------------- flat settings
 
 
+_BOOL_STRINGS = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}
+_INT_TEXT = re.compile(r"[+-]?\d+")
+_FLOAT_TEXT = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
+SCALAR_TYPES = (int, float, bool, str)
+
+
 def coerce(name: str, value: Any, hint: Any) -> Any:
-    """``value`` (a YAML scalar, or a command-line string) as the type ``hint`` says; ``ValueError`` if it
-    cannot be."""
+    """``value`` (a YAML scalar, a command-line string, a Python value) as the type ``hint`` says; a one-line
+    ``ValueError`` if it cannot be. The rules are in this module's docstring."""
     origin = typing.get_origin(hint)
     if origin in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(hint) if a is not type(None)]
@@ -358,23 +419,27 @@ def coerce(name: str, value: Any, hint: Any) -> Any:
             raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}; got {value!r}")
         return value
     if hint is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "yes", "1", "false", "no", "0"):
-            return value.lower() in ("true", "yes", "1")
-        raise ValueError(f"{name} must be true or false, got {value!r}")
+        if isinstance(value, bool) or getattr(getattr(value, "dtype", None), "kind", None) == "b":  # numpy bool
+            return bool(value)
+        if isinstance(value, int) and value in (0, 1):
+            return bool(value)
+        if isinstance(value, str) and value.strip().lower() in _BOOL_STRINGS:
+            return _BOOL_STRINGS[value.strip().lower()]
+        raise ValueError(f"{name} must be true or false (or yes/no, 1/0), got {value!r}")
     if hint in (int, float):
+        what = "an integer" if hint is int else "a number"
         if isinstance(value, bool):
-            raise ValueError(f"{name} must be a number, got {value!r}")
-        if isinstance(value, (int, float)) and (hint is float or float(value).is_integer()):
+            raise ValueError(f"{name} must be {what}, got {value!r}")
+        if isinstance(value, numbers.Real) and math.isnan(value):
+            raise ValueError(f"{name} must be {what}, got nan")
+        if isinstance(value, numbers.Real) and (hint is float or float(value).is_integer()):  # numpy numbers too
             return hint(value)
-        if isinstance(value, str):
-            try:
-                return hint(value)
-            except ValueError:
-                pass
-        raise ValueError(f"{name} must be {'an integer' if hint is int else 'a number'}, got {value!r}")
+        if isinstance(value, str) and (_INT_TEXT if hint is int else _FLOAT_TEXT).fullmatch(value.strip()):
+            return hint(value.strip())
+        raise ValueError(f"{name} must be {what}, got {value!r}")
     if hint is str:
+        if isinstance(value, os.PathLike):
+            return os.fspath(value)
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
         raise ValueError(f"{name} must be a string, got {value!r}")
@@ -397,6 +462,22 @@ def coerce(name: str, value: Any, hint: Any) -> Any:
     return value
 
 
+def coerce_scalar(name: str, value: Any, hint: Any) -> Any:
+    """:func:`coerce` for a field of another library (a ``TrainingArguments`` field): applied when ``hint`` is a
+    scalar type (or an Optional/Union of them); for other hints only a list or mapping given where no list or
+    mapping is possible is refused, the rest is left to that library."""
+    origin = typing.get_origin(hint)
+    args = [a for a in typing.get_args(hint) if a is not type(None)] if origin in (typing.Union, types.UnionType) else [hint]
+    if all(a in SCALAR_TYPES for a in args):
+        return coerce(name, value, hint)
+    if isinstance(value, (list, tuple, dict)):
+        containers = (list, tuple, dict, typing.Any)
+        if not any(a in containers or typing.get_origin(a) in containers or dataclasses.is_dataclass(a) for a in args):
+            raise ValueError(f"{name} must be a single value, got {value!r}")
+    return value
+
+
+@functools.cache
 def field_hints(cls: type) -> dict[str, Any]:
     """``{field name: resolved type}`` of a dataclass (its init fields)."""
     hints = typing.get_type_hints(cls)

@@ -138,6 +138,11 @@ def _scene_from_args(args: argparse.Namespace) -> HyperspectralScene:
     return generate_scene(config)
 
 
+def _one_line(error: BaseException) -> str:
+    text = error.args[0] if isinstance(error, KeyError) and error.args else error
+    return next((line.strip() for line in str(text).splitlines() if line.strip()), type(error).__name__)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``peft-fed unmix``; returns a process exit code (0 on success, 2 on bad input)."""
     parser = build_parser()
@@ -183,8 +188,8 @@ def main(argv: list[str] | None = None) -> int:
             seed=args.seed,
             show_progress=not args.no_progress,
         )
-    except (ValueError, FileNotFoundError, NotADirectoryError, KeyError, ImportError) as error:
-        print(f"peft-fed unmix: error: {error}", file=sys.stderr)
+    except (ValueError, OSError, KeyError, ImportError) as error:
+        print(f"peft-fed unmix: error: {_one_line(error)}", file=sys.stderr)
         return 2
 
     if args.threads is not None:
@@ -205,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
             kmeans_abundances=args.kmeans_abundances,
         )
     except ValueError as error:  # e.g. more endmembers than bands or pixels
-        print(f"peft-fed unmix: error: {error}", file=sys.stderr)
+        print(f"peft-fed unmix: error: {_one_line(error)}", file=sys.stderr)
         return 2
     content = save_result(
         result,

@@ -7,6 +7,7 @@ abundances ``(rows, cols, p)``. Loaders take a path chosen by the user; nothing 
 from __future__ import annotations
 
 import os
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -105,6 +106,17 @@ class HyperspectralScene:
                 raise ValueError(
                     f"{len(self.endmember_names)} endmember names for {self.num_reference_endmembers} endmembers"
                 )
+        # A NaN would be scored as a right angle (SAD pi/2) or poison the abundance RMSE without a word.
+        if self.endmembers is not None:
+            check_finite_endmembers(self.endmembers, "reference endmember", self.endmember_names)
+        if self.abundances is not None:
+            bad = ~np.isfinite(self.abundances).reshape(-1, self.abundances.shape[2]).all(axis=0)
+            if bad.any():
+                j = int(np.flatnonzero(bad)[0])
+                raise ValueError(
+                    f"reference abundances of {_endmember_label(j, self.endmember_names)} hold "
+                    f"{int(np.sum(~np.isfinite(self.abundances[..., j])))} NaN or infinite values; fix the ground truth"
+                )
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -132,9 +144,28 @@ class HyperspectralScene:
         return None
 
 
+def _endmember_label(j: int, names: list[str] | None = None) -> str:
+    return f"{names[j]!r} (column {j})" if names is not None and j < len(names) else str(j)
+
+
+def check_finite_endmembers(
+    endmembers: np.ndarray, what: str = "endmember", names: list[str] | None = None
+) -> None:
+    """A ``ValueError`` naming the first column of ``endmembers`` ``(bands, p)`` that holds a NaN or infinity."""
+    finite = np.isfinite(endmembers)
+    bad = ~finite.all(axis=0)
+    if bad.any():
+        j = int(np.flatnonzero(bad)[0])
+        raise ValueError(
+            f"{what} {_endmember_label(j, names)} holds {int(np.sum(~finite[:, j]))} NaN or infinite value(s) "
+            f"out of {endmembers.shape[0]} bands; fix or drop it before scoring"
+        )
+
+
 def _mat_variables(path: Path) -> dict[str, np.ndarray]:
     """All arrays of a .mat file; MATLAB v7.3 files (HDF5) go through h5py when it is installed."""
     import scipy.io
+    from scipy.io.matlab import MatReadError
 
     try:
         content = scipy.io.loadmat(str(path))
@@ -142,10 +173,10 @@ def _mat_variables(path: Path) -> dict[str, np.ndarray]:
     except NotImplementedError:
         # scipy raises NotImplementedError for v7.3 files, which are HDF5 containers.
         pass
-    except ValueError:
-        # Not a MATLAB v4-v7 file; it may still be a bare HDF5 container saved as .mat.
+    except (MatReadError, ValueError, TypeError, EOFError, OSError) as error:
+        # Not a MATLAB v4-v7 file (garbage, cut short); it may still be a bare HDF5 container saved as .mat.
         if not _is_hdf5(path):
-            raise
+            raise _unreadable(path, error) from None
     try:
         import h5py
     except ImportError as exc:
@@ -154,12 +185,23 @@ def _mat_variables(path: Path) -> dict[str, np.ndarray]:
             "in MATLAB with save(..., '-v7')"
         ) from exc
     variables = {}
-    with h5py.File(str(path), "r") as handle:
-        for key, value in handle.items():
-            if isinstance(value, h5py.Dataset) and not key.startswith("#"):
-                # MATLAB writes column-major arrays: HDF5 sees every axis reversed.
-                variables[key] = np.asarray(value[()]).transpose()
+    try:
+        with h5py.File(str(path), "r") as handle:
+            for key, value in handle.items():
+                if isinstance(value, h5py.Dataset) and not key.startswith("#"):
+                    # MATLAB writes column-major arrays: HDF5 sees every axis reversed.
+                    variables[key] = np.asarray(value[()]).transpose()
+    except (OSError, ValueError, TypeError) as error:
+        raise _unreadable(path, error) from None
     return variables
+
+
+def _unreadable(path: Path, error: BaseException) -> ValueError:
+    detail = next((line for line in str(error).splitlines() if line.strip()), type(error).__name__)
+    return ValueError(
+        f"{path} is not a readable MATLAB .mat file ({detail}); re-save it in MATLAB with save(..., '-v7') "
+        "or as .npy"
+    )
 
 
 def _is_hdf5(path: Path) -> bool:
@@ -196,11 +238,15 @@ def load_array(
     suffix = path.suffix.lower()
     if suffix == ".mat":
         variables = _mat_variables(path)
-    elif suffix == ".npy":
-        return np.load(path, allow_pickle=False)
-    elif suffix == ".npz":
-        with np.load(path, allow_pickle=False) as content:
-            variables = {k: content[k] for k in content.files}
+    elif suffix in (".npy", ".npz"):
+        try:
+            if suffix == ".npy":
+                return np.load(path, allow_pickle=False)
+            with np.load(path, allow_pickle=False) as content:
+                variables = {k: content[k] for k in content.files}
+        except (ValueError, OSError, EOFError, zipfile.BadZipFile) as error:
+            detail = next((line for line in str(error).splitlines() if line.strip()), type(error).__name__)
+            raise ValueError(f"{path} is not a readable NumPy {suffix} file ({detail})") from None
     elif _envi_header(path) is not None:
         import spectral
 

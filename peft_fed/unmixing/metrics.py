@@ -20,6 +20,8 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 from scipy.optimize import linear_sum_assignment
 
+from .data import check_finite_endmembers
+
 __all__ = [
     "UnmixingMetrics",
     "abundance_rmse",
@@ -154,6 +156,9 @@ def evaluate_unmixing(
 
     if reference_endmembers is not None:
         reference_endmembers = np.asarray(reference_endmembers, dtype=np.float64)
+        if reference_endmembers.ndim == 2:
+            # a NaN reference would be scored as a right angle (pi/2) without a word
+            check_finite_endmembers(reference_endmembers, "reference endmember")
         order = match_endmembers(endmembers, reference_endmembers)
         per = spectral_angle(endmembers[:, order], reference_endmembers)
         per = np.atleast_1d(per)
@@ -164,6 +169,11 @@ def evaluate_unmixing(
 
     if reference_abundances is not None:
         reference_abundances = np.asarray(reference_abundances, dtype=np.float64)
+        if not np.all(np.isfinite(reference_abundances)):
+            raise ValueError(
+                f"the reference abundances hold {int(np.sum(~np.isfinite(reference_abundances)))} NaN or "
+                "infinite values; fix the ground truth before scoring"
+            )
         flat_est = abundances.reshape(-1, abundances.shape[-1])
         flat_ref = reference_abundances.reshape(-1, reference_abundances.shape[-1])
         if flat_est.shape[0] != flat_ref.shape[0]:

@@ -111,3 +111,32 @@ def test_matlab_v73_file_reads_through_h5py(tmp_path):
     with h5py.File(tmp_path / "v73.mat", "w") as handle:
         handle.create_dataset("Y_clean", data=cube.transpose())  # MATLAB stores column-major
     assert np.allclose(load_cube(tmp_path / "v73.mat"), cube)
+
+
+def test_garbage_mat_file_is_named(tmp_path):
+    garbage = tmp_path / "Y_clean.mat"
+    garbage.write_bytes(b"not a MATLAB file" * 20)
+    with pytest.raises(ValueError, match=r"Y_clean.mat is not a readable MATLAB .mat file") as error:
+        load_cube(garbage)
+    assert "\n" not in str(error.value)
+    cut = tmp_path / "cut.mat"
+    scipy.io.savemat(cut, {"Y": np.ones((3, 3, 4))})
+    cut.write_bytes(cut.read_bytes()[:150])
+    with pytest.raises(ValueError, match=r"cut.mat is not a readable MATLAB .mat file"):
+        load_cube(cut)
+    (tmp_path / "bad.npy").write_bytes(b"garbage")
+    with pytest.raises(ValueError, match=r"bad.npy is not a readable NumPy .npy file"):
+        load_cube(tmp_path / "bad.npy")
+
+
+def test_nan_in_ground_truth_is_refused_naming_the_endmember(tmp_path):
+    cube = np.random.default_rng(0).uniform(size=(3, 3, 5))
+    endmembers = np.random.default_rng(1).uniform(size=(5, 2))
+    endmembers[0, 1] = np.nan
+    folder = _write_folder(tmp_path / "nan", cube, endmembers=endmembers)
+    with pytest.raises(ValueError, match=r"reference endmember 1 holds 1 NaN or infinite value"):
+        load_scene(folder)
+    abundances = np.full((3, 3, 2), 0.5)
+    abundances[1, 1, 0] = np.inf
+    with pytest.raises(ValueError, match=r"reference abundances of 'a' \(column 0\) hold 1 NaN"):
+        HyperspectralScene(cube=cube, abundances=abundances, endmember_names=["a", "b"])
