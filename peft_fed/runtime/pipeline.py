@@ -16,7 +16,6 @@ With no settings it is the offline demo: the real all-MiniLM-L6-v2 encoder on th
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import time
 from collections.abc import Mapping
@@ -71,6 +70,11 @@ class FederatedRunConfig:
         ``source`` for an unknown key or a bad value."""
         from .arguments import FederatedTrainingArguments
 
+        if not isinstance(settings, Mapping):
+            raise ValueError(f"{source}: settings must be a mapping of setting names to values, got {type(settings).__name__}")
+        bad_keys = [key for key in settings if not isinstance(key, str)]
+        if bad_keys:
+            raise ValueError(f"{source}: setting names must be strings, got {bad_keys!r}")
         try:
             groups = split_settings(settings)
             training_hints = field_hints(FederatedTrainingArguments)
@@ -127,11 +131,15 @@ class FederatedRunConfig:
 
 
 def _coerce_training(name: str, value: Any, hint: Any) -> Any:
-    """A ``TrainingArguments`` value from YAML: numbers and booleans written as strings become numbers and
-    booleans (``learning_rate: 1e-3`` is a string to YAML); everything else is left to transformers."""
-    if isinstance(value, str) and hint in (int, float, bool):
+    """A ``TrainingArguments`` value from YAML or keywords, checked as the run's own settings are
+    (:func:`~peft_fed.runtime.run_arguments.coerce_scalar`): ``learning_rate: 1e-3`` (a string to YAML) is
+    0.001, ``use_cpu: 'no'`` is false, a list where one value is expected is refused; fields that are not plain
+    scalars (``report_to``, ``optim``...) are left to transformers."""
+    from .run_arguments import coerce_scalar
+
+    if hint in (int, float, bool, str):
         return coerce(name, value, hint)
-    return value
+    return coerce_scalar(name, value, hint)
 
 
 def read_settings_file(path: str | Path) -> dict[str, Any]:
@@ -233,6 +241,7 @@ def run_federated(config: FederatedRunConfig | Mapping[str, Any] | None = None, 
         load_initial_adapter,
         load_model_and_tokenizer,
     )
+    from .checkpoint import check_output_dir
     from .trainer import FederatedTrainer
 
     if not isinstance(config, FederatedRunConfig):
@@ -242,12 +251,14 @@ def run_federated(config: FederatedRunConfig | Mapping[str, Any] | None = None, 
     started = time.perf_counter()
     args = config.training_args
     output_dir = Path(args.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
+    # refuse a new run into a folder holding one before anything loads; the trainer checks again (and for a resume,
+    # against the checkpoint) and writes run_config.json only once its checks pass: nothing of an existing run is
+    # written or deleted before that
+    check_output_dir(output_dir, resume=args.resume, overwrite=getattr(args, "overwrite_output_dir", False))
 
     client_train, _, evaluation, task, info = prepare_federated_data(config)
     task_type = info.task_type
     config = dataclasses.replace(config, model_args=dataclasses.replace(config.model_args, task_type=task_type))
-    (output_dir / "run_config.json").write_text(json.dumps(config.to_dict(), indent=1, default=str))
     set_seed(args.seed)  # the task head is initialised at load time: make it the same on every run
     model_args = config.model_args
     model, tokenizer = load_model_and_tokenizer(
@@ -271,7 +282,9 @@ def run_federated(config: FederatedRunConfig | Mapping[str, Any] | None = None, 
         data_collator=task.collator(tokenizer),
         processing_class=tokenizer,
         preprocess_logits_for_metrics=task.preprocess_logits_for_metrics,
+        run_config=config.to_dict(),
     )
+    trainer.prepare_output_dir()  # the folder checks (and the resume's), then run_config.json: before any round
     history = trainer.train()
     final_dir = output_dir / "final"
     report = None

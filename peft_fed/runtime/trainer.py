@@ -19,6 +19,7 @@ Across processes (``accelerate launch --num_processes P``):
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import gc
 import json
 import logging
@@ -30,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from accelerate.utils import DistributedType, gather_object, send_to_device
+from accelerate.utils import DistributedType, broadcast_object_list, gather_object, send_to_device
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import Trainer, TrainerState
@@ -43,7 +44,25 @@ from ..linalg import LowRank
 from ..state import ClientState, ServerState
 from ..strategies import Strategy, build_strategy, canonical_method_name
 from .arguments import FederatedTrainingArguments
-from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import (
+    RUN_FINGERPRINT_FILE,
+    OutputDirInUseError,
+    ResumeMismatchError,
+    check_output_dir,
+    checkpoint_dir,
+    clean_stale_files,
+    digest_dataset,
+    digest_tensors,
+    fingerprint_differences,
+    jsonable,
+    latest_checkpoint,
+    load_checkpoint,
+    package_versions,
+    remove_run_files,
+    save_checkpoint,
+    structure_differences,
+    write_text_atomic,
+)
 from .client import run_client
 
 logger = logging.getLogger(__name__)
@@ -55,6 +74,29 @@ _PER_ROUND_SETTINGS = {
     "logging_strategy": "one log per round to report_to, at step = round",
     "eval_strategy": "eval_every (the global model, between rounds)",
 }
+# TrainingArguments fields that change what a client's local training computes (part of the run's fingerprint; the
+# federation's own and the method's hyperparameters are added by FederatedTrainer.run_record)
+_RESULT_TRAINING_FIELDS = (
+    "seed", "data_seed", "full_determinism", "learning_rate", "weight_decay", "adam_beta1", "adam_beta2",
+    "adam_epsilon", "max_grad_norm", "optim", "optim_args", "optim_target_modules", "lr_scheduler_type",
+    "lr_scheduler_kwargs", "warmup_ratio", "warmup_steps", "per_device_train_batch_size",
+    "gradient_accumulation_steps", "bf16", "fp16", "tf32", "label_smoothing_factor", "dataloader_drop_last",
+    "group_by_length", "neftune_noise_alpha", "torch_compile",
+)  # fmt: skip
+# settings of a whole run (pipeline.FederatedRunConfig.to_dict()) that change the result: model, data, partition, LoRA
+_RESULT_RUN_SETTINGS = (
+    "model", "task_type", "init_adapter", "dataset", "dataset_kwargs", "num_clients", "partition", "partition_column",
+    "dirichlet_alpha", "max_train_samples", "max_eval_samples", "client_eval_fraction", "max_length", "r",
+    "lora_alpha", "lora_dropout", "use_rslora", "target_modules",
+)  # fmt: skip
+# recorded with a run but free to change on resume: they do not change the rounds' results
+_FREE_SETTINGS = (
+    "num_rounds", "eval_every", "save_every", "save_total_limit", "output_dir", "report_to", "run_name",
+    "logging_dir", "disable_tqdm", "log_level", "per_device_eval_batch_size", "parallel_mode", "export_rank",
+    "export_max_error",
+)  # fmt: skip
+# fingerprint entries computed from the model and data (they follow from the settings above when those differ)
+_DERIVED_FINGERPRINT = ("adapted_layers", "trainable_heads", "initial_weights", "client_data", "eval_data")
 
 
 class FederatedTrainer(Trainer):
@@ -69,6 +111,15 @@ class FederatedTrainer(Trainer):
         task: optional task object with ``compute_loss(model, inputs) -> (loss, logits)`` for tasks whose
             model forward does not compute the task loss (multiple choice by log-likelihood).
         strategy: a built :class:`~peft_fed.Strategy`, or ``None`` to build ``args.method``.
+        run_config: optional flat settings of the whole run (``FederatedRunConfig.to_dict()``: model, data,
+            partition, LoRA...): written to ``OUTPUT_DIR/run_config.json`` once the output folder is checked, and
+            their result-changing ones join the run's fingerprint.
+
+    A run folder records what made it (``OUTPUT_DIR/run_fingerprint.json`` and every checkpoint's ``meta.json``):
+    a fingerprint of every setting that changes the result, the other settings and the package versions. A new
+    run into a folder that already holds one is refused (:class:`OutputDirInUseError`) unless
+    ``overwrite_output_dir``; a resume whose fingerprint differs from the checkpoint's is refused
+    (:class:`ResumeMismatchError`, one line listing ``setting: checkpoint -> this run``).
 
     ``train()`` runs all rounds and returns the list of per-round metrics (also written, one JSON
     object per round, to ``OUTPUT_DIR/metrics.jsonl``).
@@ -88,6 +139,7 @@ class FederatedTrainer(Trainer):
         eval_dataset: Any = None,
         task: Any = None,
         strategy: Strategy | None = None,
+        run_config: Mapping[str, Any] | None = None,
         **trainer_kwargs: Any,
     ) -> None:
         if not isinstance(args, FederatedTrainingArguments):
@@ -111,6 +163,15 @@ class FederatedTrainer(Trainer):
         self.gradient_batches = self.strategy.gradient_batches() if self.strategy.needs_gradient else 0
         self.extra_names = peft_bridge.trainable_extra_names(model)
         self.original_weights = peft_bridge.base_weights(model)
+        self.run_config = dict(run_config) if run_config is not None else None
+        # what the run starts from: the adapted layers' weights and the trainable heads (e.g. a seeded classifier)
+        self._initial_digest = digest_tensors(
+            {**self.original_weights, **{f"extra|{k}": v for k, v in peft_bridge.get_extras(model, self.extra_names).items()}}
+        )
+        self._base_learning_rate = args.learning_rate
+        self._prepared_dir: str | None = None  # the output_dir whose checks this trainer passed
+        self._output_dir_ready = False  # prepare_output_dir() ran for the next train()
+        self._record: dict[str, Any] | None = None  # run_record() of the current train()
         self._current_start = None
         self._step_losses: list[float] = []
         self._in_rounds = False
@@ -142,6 +203,9 @@ class FederatedTrainer(Trainer):
         # integrations must see one log per round at step = round.
         self.run_state = TrainerState(max_steps=args.num_rounds)
         if args.resume:
+            if self.is_world_process_zero():
+                clean_stale_files(args.output_dir)  # e.g. put back a round whose re-save was killed
+            self.accelerator.wait_for_everyone()
             self._resume(latest_checkpoint(args.output_dir), required=False)
 
     # ------------------------------------------------------------------ federated state (held by the engine)
@@ -440,15 +504,19 @@ class FederatedTrainer(Trainer):
 
         ``resume_from_checkpoint``: a checkpoint folder (``OUTPUT_DIR/checkpoints/round-XXXXXX``) or ``True`` for
         the latest under ``output_dir``, as in ``Trainer.train``; ``args.resume`` does the latter at construction.
+        First the output folder is checked and the run's record written (:meth:`prepare_output_dir`): a new run
+        into a folder that holds a run is refused unless ``overwrite_output_dir``.
         """
         args = self.args
         if resume_from_checkpoint:
+            if self.is_world_process_zero():
+                clean_stale_files(args.output_dir)
             path = latest_checkpoint(args.output_dir) if resume_from_checkpoint is True else Path(resume_from_checkpoint)
             self._resume(path, required=True)
         self._base_learning_rate = args.learning_rate
-        if self.is_world_process_zero():
-            Path(args.output_dir).mkdir(parents=True, exist_ok=True)
-            self._truncate_metrics(Path(args.output_dir) / METRICS_FILE, self.start_round)
+        if resume_from_checkpoint or not self._output_dir_ready:
+            self.prepare_output_dir(resuming=bool(resume_from_checkpoint) or None)
+        self._output_dir_ready = False
         # Trainer.train() (once per client round) starts with Accelerate's free_memory(), a full gc.collect()
         # that walks every object of the process: half a second per client here. Freezing what exists now
         # (model, datasets, tokenizer: alive for the whole run anyway) keeps later collections cheap.
@@ -480,10 +548,145 @@ class FederatedTrainer(Trainer):
                 self.server_state,
                 self.client_states,
                 backbone,
-                {"method": self.strategy.name, "history": self.history, "num_clients": self.num_clients},
+                {"method": self.strategy.name, "history": self.history, "num_clients": self.num_clients,
+                 **(self._record or self.run_record())},
                 keep_last=self.args.save_total_limit,
-            )
+            )  # fmt: skip
         self.accelerator.wait_for_everyone()
+
+    # ------------------------------------------------------------------ what made the run
+
+    def _length_dependence(self) -> str | None:
+        """Why the rounds' results depend on ``num_rounds`` (a schedule over the run's length), or ``None``."""
+        if self.args.round_lr_scheduler != "constant":
+            return f"round_lr_scheduler={self.args.round_lr_scheduler!r}"
+        hyperparameters = getattr(self.strategy, "hyperparameters", None)
+        if dataclasses.is_dataclass(hyperparameters):
+            for f in dataclasses.fields(hyperparameters):
+                value = getattr(hyperparameters, f.name)
+                if f.name.endswith("_schedule") and value not in (None, "constant"):
+                    return f"{f.name}={value!r}"
+        return None
+
+    def run_record(self) -> dict[str, Any]:
+        """What made this run: ``fingerprint`` (every setting that changes the result: method and its full
+        hyperparameters, seed, learning rate and local training, federation, the adapted layers, the initial
+        weights, the clients' data, and with ``run_config`` the model, data, partition and LoRA settings),
+        ``settings`` (recorded, free to change on resume: num_rounds, eval_every, save_every, ...) and
+        ``versions``."""
+        args = self.args
+        fingerprint: dict[str, Any] = {"method": self.strategy.name}
+        hyperparameters = getattr(self.strategy, "hyperparameters", None)
+        if dataclasses.is_dataclass(hyperparameters):
+            fingerprint.update({f"{f.name}": getattr(hyperparameters, f.name) for f in dataclasses.fields(hyperparameters)})
+        for name in _RESULT_TRAINING_FIELDS:
+            if hasattr(args, name):
+                fingerprint[name] = getattr(args, name)
+        fingerprint["learning_rate"] = self._base_learning_rate
+        fingerprint.update(
+            num_clients=self.num_clients,
+            clients_per_round=self.clients_per_round,
+            local_steps=args.local_steps,
+            local_epochs=args.local_epochs,
+            round_lr_scheduler=args.round_lr_scheduler,
+            round_lr_min_ratio=args.round_lr_min_ratio,
+            invalid_upload=args.invalid_upload,
+            adapted_layers=_describe_layers(self.specs),
+            trainable_heads=sorted(self.extra_names),
+            initial_weights=self._initial_digest,
+            client_data=[digest_dataset(d) for d in self.client_datasets],
+            eval_data=digest_dataset(self.eval_dataset) if self.eval_dataset is not None else None,
+        )
+        settings: dict[str, Any] = {name: getattr(args, name) for name in _FREE_SETTINGS if hasattr(args, name)}
+        settings["num_processes"] = self.accelerator.num_processes
+        if self._length_dependence() is not None:
+            fingerprint["num_rounds"] = settings.pop("num_rounds")
+        if self.run_config is not None:
+            for name in _RESULT_RUN_SETTINGS:
+                if name in self.run_config:
+                    fingerprint[name] = self.run_config[name]
+            for name in ("export_rank", "export_max_error"):
+                if name in self.run_config:
+                    settings[name] = self.run_config[name]
+        return {"fingerprint": jsonable(fingerprint), "settings": jsonable(settings), "versions": package_versions()}
+
+    def _refuse_mismatch(self, where: str, recorded: Mapping[str, Any], record: Mapping[str, Any]) -> None:
+        differences = fingerprint_differences(recorded, record["fingerprint"])
+        if differences:
+            why = self._length_dependence()
+            differences = [f"{d} ({why} follows the run's length)" if d.startswith("num_rounds:") else d for d in differences]
+            direct = [d for d in differences if d.split(":", 1)[0] not in _DERIVED_FINGERPRINT]
+            if direct and len(direct) < len(differences):  # the derived ones by name only: the settings explain them
+                derived = [d.split(":", 1)[0] for d in differences if d.split(":", 1)[0] in _DERIVED_FINGERPRINT]
+                differences = [*direct, f"hence also {', '.join(derived)}"]
+            raise ResumeMismatchError(
+                f"cannot resume {where}: settings that change the result differ (checkpoint -> this run): "
+                f"{'; '.join(differences)}. Resume with the checkpoint's settings, or start a new run in another "
+                "output_dir (or with --overwrite_output_dir)"
+            )
+
+    def prepare_output_dir(self, resuming: bool | None = None) -> None:
+        """Check ``output_dir`` and write the run's record there; ``train()`` does it first unless it was done.
+
+        A new run into a folder holding a run is refused (:class:`OutputDirInUseError`) unless
+        ``overwrite_output_dir`` (then the old run's files are removed); a resume (``args.resume``, or a further
+        ``train()`` of this trainer) must match the folder's ``run_fingerprint.json``. Then ``run_fingerprint.json``,
+        ``run_config.json`` (given ``run_config``) and ``metrics.jsonl`` (the restored history) are written. Nothing
+        is written or deleted before the checks pass; the main process decides and every process raises the same
+        error. ``run_federated`` calls it before ``train()``, so a refusal comes before any round."""
+        if resuming is None:
+            resuming = bool(self.args.resume) or self._prepared_dir == str(self.args.output_dir)
+        self._prepare_output_dir(resuming)
+        self._output_dir_ready = True
+
+    def _prepare_output_dir(self, resuming: bool) -> None:
+        args, out = self.args, Path(self.args.output_dir)
+        record = self._record = self.run_record()
+        error: Exception | None = None
+        if self.is_world_process_zero():
+            try:
+                if resuming:
+                    previous = out / RUN_FINGERPRINT_FILE
+                    if previous.is_file():
+                        recorded = json.loads(previous.read_text()).get("fingerprint", {})
+                        self._refuse_mismatch(f"in {str(out)!r} (its {RUN_FINGERPRINT_FILE})", recorded, record)
+                else:
+                    check_output_dir(out, resume=False, overwrite=bool(getattr(args, "overwrite_output_dir", False)))
+            except (OutputDirInUseError, ResumeMismatchError, ValueError) as caught:
+                error = caught
+        if self.accelerator.num_processes > 1:
+            box = [error]
+            broadcast_object_list(box)
+            error = box[0]
+        if error is not None:
+            raise error
+        self._prepared_dir = str(args.output_dir)
+        if not self.is_world_process_zero():
+            return
+        if not resuming:
+            removed = remove_run_files(out)
+            if removed:
+                logger.warning("overwrite_output_dir: removed the previous run's %s from %s", ", ".join(removed), out)
+        out.mkdir(parents=True, exist_ok=True)
+        clean_stale_files(out)
+        document = {**record, "completed_rounds_at_start": self.start_round}
+        previous_path = out / RUN_FINGERPRINT_FILE
+        if resuming and previous_path.is_file():
+            previous = json.loads(previous_path.read_text())
+            changed = fingerprint_differences(previous.get("settings", {}), record["settings"])
+            document["resumes"] = [*previous.get("resumes", []), {"at_round": self.start_round, "changed": changed}]
+            if changed:
+                logger.info("resuming with changed settings (they do not change the result): %s", "; ".join(changed))
+        write_text_atomic(previous_path, json.dumps(document, indent=1))
+        if self.run_config is not None:
+            write_text_atomic(out / "run_config.json", json.dumps(self.run_config, indent=1, default=str))
+        self._write_metrics()
+
+    def _write_metrics(self) -> None:
+        """``metrics.jsonl`` = the history, rewritten atomically: a crash leaves the old file or the new one, never a
+        partial line; on resume it is rebuilt from the checkpoint's history, never parsed."""
+        text = "".join(json.dumps(row, default=str) + "\n" for row in self.history)
+        write_text_atomic(Path(self.args.output_dir) / METRICS_FILE, text)
 
     def _resume(self, path: Path | None, *, required: bool) -> None:
         if path is None or not Path(path).is_dir():
@@ -494,26 +697,49 @@ class FederatedTrainer(Trainer):
             return
         checkpoint = load_checkpoint(path)
         if checkpoint.meta.get("method") != self.strategy.name:
-            raise ValueError(
+            raise ResumeMismatchError(
                 f"checkpoint {path} is a {checkpoint.meta.get('method')!r} run, this run is {self.strategy.name!r}"
             )
         if checkpoint.meta.get("num_clients") != self.num_clients:
-            raise ValueError(f"checkpoint {path} has {checkpoint.meta.get('num_clients')} clients, this run {self.num_clients}")
+            raise ResumeMismatchError(
+                f"checkpoint {path} has {checkpoint.meta.get('num_clients')} clients, this run {self.num_clients}"
+            )
+        if "fingerprint" in checkpoint.meta:
+            self._refuse_mismatch(f"from checkpoint {path}", checkpoint.meta["fingerprint"], self.run_record())
+        else:
+            logger.warning(
+                "checkpoint %s was written before runs recorded their settings: whether this run's settings match "
+                "it cannot be checked", path,
+            )  # fmt: skip
+        if self.args.num_rounds < checkpoint.round:
+            earlier = checkpoint_dir(Path(path).parent.parent, self.args.num_rounds)
+            hint = f", or resume from {earlier}" if earlier.is_dir() else ""
+            raise ResumeMismatchError(
+                f"checkpoint {path} has {checkpoint.round} completed rounds but num_rounds={self.args.num_rounds}: a "
+                f"run cannot be shortened; give num_rounds >= {checkpoint.round}{hint}"
+            )
+        recorded_versions = checkpoint.meta.get("versions")
+        if recorded_versions:
+            changed = fingerprint_differences(recorded_versions, package_versions())
+            if changed:
+                logger.warning("checkpoint %s was written with other package versions (%s): a resumed run may differ "
+                               "in the last bits from an uninterrupted one", path, "; ".join(changed))  # fmt: skip
+        problem = structure_differences(path, checkpoint, self.original_weights, self.server_state)
+        if problem:
+            raise ResumeMismatchError(problem)
         self.engine.restore(checkpoint.server_state, checkpoint.client_states, checkpoint.meta.get("history", []))
         peft_bridge.set_base_weights(self.model, checkpoint.backbone)
         self.run_state.global_step = checkpoint.round
         logger.info("resumed from %s at round %d", path, checkpoint.round)
 
-    @staticmethod
-    def _truncate_metrics(path: Path, keep_rounds: int) -> None:
-        if not path.exists():
-            return
-        if keep_rounds == 0:
-            path.unlink()
-            return
-        rows = [line for line in path.read_text().splitlines() if line.strip()]
-        kept = [line for line in rows if json.loads(line)["round"] <= keep_rounds]
-        path.write_text("".join(line + "\n" for line in kept))
+
+def _describe_layers(specs: Mapping[str, Any]) -> str:
+    """The adapted layers in one comparable line: count, ranks, scales and a digest of names and shapes."""
+    import hashlib
+
+    shapes = "|".join(f"{n}:{s.out_features}x{s.in_features}:r{s.rank}:{s.scale:.6g}" for n, s in sorted(specs.items()))
+    ranks = sorted({s.rank for s in specs.values()})
+    return f"{len(specs)} layers, rank {'/'.join(map(str, ranks))}, sha256:{hashlib.sha256(shapes.encode()).hexdigest()[:12]}"
 
 
 class _RoundHooks(RoundHooks):
@@ -546,8 +772,7 @@ class _RoundHooks(RoundHooks):
     def record(self, row: Mapping[str, Any]) -> None:
         trainer = self.trainer
         if trainer.is_world_process_zero():
-            with open(Path(trainer.args.output_dir) / METRICS_FILE, "a") as handle:
-                handle.write(json.dumps(row) + "\n")
+            trainer._write_metrics()  # the history (this row included), atomically
         trainer.state = trainer.run_state
         trainer.run_state.global_step = row["round"]
         numbers = {k: v for k, v in row.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}

@@ -91,7 +91,8 @@ def final_state(trainer) -> dict[str, torch.Tensor]:
     return state
 
 
-if __name__ == "__main__":  # run by the multi-process and kill-and-resume tests in a subprocess
+def main(argv=None) -> None:
+    """One run (the multi-process, kill-and-resume and fault-injection tests run it in a subprocess)."""
     import argparse
 
     parser = argparse.ArgumentParser()
@@ -100,10 +101,86 @@ if __name__ == "__main__":  # run by the multi-process and kill-and-resume tests
     parser.add_argument("--num_rounds", type=int, default=2)
     parser.add_argument("--save_every", type=int, default=0)
     parser.add_argument("--resume", action="store_true")
-    cli = parser.parse_args()
+    parser.add_argument("--slow_save", type=float, default=0.0,
+                        help="fault injection: sleep this long around each file of a checkpoint write, so that kills "
+                        "land inside the write more often")  # fmt: skip
+    cli = parser.parse_args(argv)
+    if cli.slow_save:
+        _slow_down_checkpoint_writes(cli.slow_save)
     method, out = cli.method, cli.out
     trainer = make_trainer(method, out, num_clients=5, clients_per_round=3, num_rounds=cli.num_rounds,
-                           save_every=cli.save_every, resume=cli.resume)
+                           save_every=cli.save_every, resume=cli.resume, disable_tqdm=True)
     trainer.train()
     if trainer.is_world_process_zero():
         torch.save(final_state(trainer), Path(out) / "final_state.pt")
+
+
+def _slow_down_checkpoint_writes(seconds: float) -> None:
+    import time
+
+    from peft_fed.runtime import checkpoint
+
+    save_file, fsync_dir = checkpoint.save_file, getattr(checkpoint, "_fsync_dir", lambda path: None)
+
+    def slow_save_file(*args, **kwargs):
+        time.sleep(seconds)
+        return save_file(*args, **kwargs)
+
+    def slow_fsync_dir(*args, **kwargs):
+        time.sleep(seconds)
+        return fsync_dir(*args, **kwargs)
+
+    checkpoint.save_file, checkpoint._fsync_dir = slow_save_file, slow_fsync_dir
+
+
+def serve() -> None:
+    """A fork server for the fault-injection test: import everything once, then run each requested run in a
+    forked child (a real process, killed for real) without paying the imports again.
+
+    stdin ``["fedsmoothlora", "OUT", ...]`` (JSON) -> forks a child running ``main`` with those arguments, its
+    output to ``OUT.log``, and answers its pid; ``wait PID`` -> answers its exit status (``-9`` when SIGKILLed).
+    No torch operation runs in this process before a fork (OMP_NUM_THREADS=1 in the tests), so forking is safe.
+    """
+    import json
+    import os
+
+    import peft_fed.runtime.trainer  # noqa: F401  (the heavy imports, once)
+
+    answer = os.fdopen(os.dup(1), "w")
+    answer.write("ready\n")
+    answer.flush()
+    for line in sys.stdin:
+        line = line.strip()
+        if line.startswith("wait "):
+            _, status = os.waitpid(int(line.split()[1]), 0)
+            code = -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
+            answer.write(f"{code}\n")
+            answer.flush()
+            continue
+        argv = json.loads(line)
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                log = os.open(f"{argv[1]}.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+                os.dup2(log, 1)
+                os.dup2(log, 2)
+                main(argv)
+                code = 0
+            except BaseException:
+                import traceback
+
+                traceback.print_exc()
+            finally:
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(code)
+        answer.write(f"{pid}\n")
+        answer.flush()
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] == ["--serve"]:
+        serve()
+    else:
+        main()
