@@ -230,19 +230,7 @@ def run_federated(config: FederatedRunConfig | Mapping[str, Any] | None = None, 
     ``config`` is a :class:`FederatedRunConfig` or flat settings (YAML keys); keyword ``settings`` are flat
     settings on top of the defaults (or of a mapping ``config``): ``run_federated(method="fedit", num_rounds=2)``.
     """
-    from peft import get_peft_model
-    from transformers import set_seed
-
-    from .. import peft_bridge
-    from ..modeling import (
-        check_target_modules,
-        default_modules_to_save,
-        default_target_modules,
-        load_initial_adapter,
-        load_model_and_tokenizer,
-    )
     from .checkpoint import check_output_dir
-    from .trainer import FederatedTrainer
 
     if not isinstance(config, FederatedRunConfig):
         config = FederatedRunConfig.from_dict({**(config or {}), **settings})
@@ -255,6 +243,19 @@ def run_federated(config: FederatedRunConfig | Mapping[str, Any] | None = None, 
     # against the checkpoint) and writes run_config.json only once its checks pass: nothing of an existing run is
     # written or deleted before that
     check_output_dir(output_dir, resume=args.resume, overwrite=getattr(args, "overwrite_output_dir", False))
+
+    from peft import get_peft_model
+    from transformers import set_seed
+
+    from .. import peft_bridge
+    from ..modeling import (
+        check_target_modules,
+        default_modules_to_save,
+        default_target_modules,
+        load_initial_adapter,
+        load_model_and_tokenizer,
+    )
+    from .trainer import FederatedTrainer
 
     client_train, _, evaluation, task, info = prepare_federated_data(config)
     task_type = info.task_type
