@@ -560,13 +560,7 @@ class FederatedTrainer(Trainer):
         """Why the rounds' results depend on ``num_rounds`` (a schedule over the run's length), or ``None``."""
         if self.args.round_lr_scheduler != "constant":
             return f"round_lr_scheduler={self.args.round_lr_scheduler!r}"
-        hyperparameters = getattr(self.strategy, "hyperparameters", None)
-        if dataclasses.is_dataclass(hyperparameters):
-            for f in dataclasses.fields(hyperparameters):
-                value = getattr(hyperparameters, f.name)
-                if f.name.endswith("_schedule") and value not in (None, "constant"):
-                    return f"{f.name}={value!r}"
-        return None
+        return self.strategy.follows_run_length()
 
     def run_record(self) -> dict[str, Any]:
         """What made this run: ``fingerprint`` (every setting that changes the result: method and its full
@@ -576,9 +570,7 @@ class FederatedTrainer(Trainer):
         ``versions``."""
         args = self.args
         fingerprint: dict[str, Any] = {"method": self.strategy.name}
-        hyperparameters = getattr(self.strategy, "hyperparameters", None)
-        if dataclasses.is_dataclass(hyperparameters):
-            fingerprint.update({f"{f.name}": getattr(hyperparameters, f.name) for f in dataclasses.fields(hyperparameters)})
+        fingerprint.update(dataclasses.asdict(self.strategy.hyperparameters))
         for name in _RESULT_TRAINING_FIELDS:
             if hasattr(args, name):
                 fingerprint[name] = getattr(args, name)

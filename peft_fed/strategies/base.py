@@ -222,6 +222,11 @@ class Strategy(ABC):
         """How many of a client's batches the runtime averages for ``gradient_fn`` (0 without one)."""
         return 0
 
+    def follows_run_length(self) -> str | None:
+        """What of this method follows the run's length ``num_rounds`` (a schedule over rounds), as a short
+        ``setting=value`` text, or ``None``: then changing ``num_rounds`` on resume leaves past rounds as they were."""
+        return None
+
     # ------------------------------------------------------------------ server side
 
     def init_server(

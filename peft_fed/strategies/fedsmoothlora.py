@@ -213,6 +213,10 @@ class FedSmoothLoRA(Strategy):
     def zeta_at(self, round_index: int) -> float:
         return self.hyperparameters.zeta_at(round_index, self.num_rounds)
 
+    def follows_run_length(self) -> str | None:
+        schedule = self.hyperparameters.zeta_schedule
+        return None if schedule == "constant" else f"zeta_schedule={schedule!r}"
+
     # ------------------------------------------------------------------ server
 
     def _init_layers(self, generator, base_weights) -> LayerTensors:

@@ -44,3 +44,15 @@ def test_hyperparameters_are_one_validated_dataclass(name):
 def test_unknown_hyperparameter_names_the_method(specs):
     with pytest.raises(TypeError, match=r"FedIT got unknown hyperparameter\(s\) \['zeta'\]"):
         STRATEGIES["fedit"](specs, zeta=0.5)
+
+
+@pytest.mark.parametrize("name", sorted(STRATEGIES))
+def test_follows_run_length_only_with_a_schedule(name, build, specs):
+    """A method whose hyperparameters follow ``num_rounds`` says so (resumes then keep num_rounds fixed)."""
+    strategy = build(name, specs, num_rounds=4)
+    schedules = {f.name: getattr(strategy.hyperparameters, f.name) for f in dataclasses.fields(strategy.hyperparameters)
+                 if f.name.endswith("_schedule")}
+    assert (strategy.follows_run_length() is not None) == any(v != "constant" for v in schedules.values())
+    if schedules:
+        cosine = build(name, specs, num_rounds=4, **{k: "cosine" for k in schedules})
+        assert cosine.follows_run_length() == f"{next(iter(schedules))}='cosine'"
