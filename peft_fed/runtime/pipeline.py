@@ -31,7 +31,7 @@ from .run_arguments import (
     ExportArguments,
     LoraArguments,
     ModelArguments,
-    coerce,
+    coerce_scalar,
     field_hints,
     hyperparameters_from_arguments,
     method_hyperparameters_class,
@@ -84,7 +84,7 @@ class FederatedRunConfig:
                     f"unknown setting(s) {unknown} (not a run, method or TrainingArguments setting; "
                     "see peft-fed train --help)"
                 )
-            training = {k: _coerce_training(k, v, training_hints[k]) for k, v in groups["training"].items()}
+            training = {k: coerce_scalar(k, v, training_hints[k]) for k, v in groups["training"].items()}
             parts = {name: ARGUMENT_GROUPS[name](**groups[name]) for name in ("model", "data", "lora", "export")}
             training_args = FederatedTrainingArguments(
                 **groups["federation"], **training, method_kwargs=groups["hyperparameters"] or None
@@ -128,18 +128,6 @@ class FederatedRunConfig:
         """The method's hyperparameters dataclass (given values, the method's defaults for the rest)."""
         cls = method_hyperparameters_class(self.training_args.method)
         return cls(**(self.training_args.method_kwargs or {}))
-
-
-def _coerce_training(name: str, value: Any, hint: Any) -> Any:
-    """A ``TrainingArguments`` value from YAML or keywords, checked as the run's own settings are
-    (:func:`~peft_fed.runtime.run_arguments.coerce_scalar`): ``learning_rate: 1e-3`` (a string to YAML) is
-    0.001, ``use_cpu: 'no'`` is false, a list where one value is expected is refused; fields that are not plain
-    scalars (``report_to``, ``optim``...) are left to transformers."""
-    from .run_arguments import coerce_scalar
-
-    if hint in (int, float, bool, str):
-        return coerce(name, value, hint)
-    return coerce_scalar(name, value, hint)
 
 
 def read_settings_file(path: str | Path) -> dict[str, Any]:

@@ -291,11 +291,6 @@ class _ClientLossOptimizer:
         self.inner.step()
 
 
-def _stream_seed(*keys: int) -> int:
-    """An independent seed for one named random stream (e.g. ``(seed, round, client)``)."""
-    return client_seed(*keys)
-
-
 _CENTRAL_STREAM = 2**31 - 1  # client id of the centralised run's batch stream
 
 
@@ -450,7 +445,7 @@ class _GaussClientExecutor:
 
     def _train(self, round_index: int, task: ClientTask) -> ClientRecord:
         pixels = self.clients[int(task.client_id)]
-        seed = _stream_seed(self.config.seed, round_index, int(task.client_id))
+        seed = client_seed(self.config.seed, round_index, int(task.client_id))
         model, strategy = self.model, self.strategy
 
         def local_train(start):
@@ -616,7 +611,7 @@ def run_local_only(
             windows,
             pixels,
             config.local_steps,
-            _stream_seed(config.seed, 0, client),
+            client_seed(config.seed, 0, client),
             config,
             training_config,
         )
@@ -663,7 +658,7 @@ def run_centralised(
         windows,
         np.unique(np.concatenate(clients)),
         per_round * config.local_steps,
-        _stream_seed(config.seed, 0, _CENTRAL_STREAM),
+        client_seed(config.seed, 0, _CENTRAL_STREAM),
         config,
         training_config,
     )
