@@ -19,10 +19,31 @@ as one process each, ``--shard I/18``, on one 80 GB GPU: 12 at a time fit, 18 at
 
     python benchmarks/federated_grid.py --preset smollm2 --alphas 0.3 --output_dir benchmarks/results/causal_wordnet_mc
 
+The papers' own regimes (issue 14), each method in the form its official code uses (``--partition iid`` puts
+every client on an IID share; ``--alphas`` is then not used)::
+
+    # FedSmoothLoRA with the cosine zeta schedule on non-IID data, against FedIT and FRLoRA
+    python benchmarks/federated_grid.py --output_dir benchmarks/results/papers_regimes/fedsmoothlora_noniid \
+        --variants fedsmoothlora_paper_cosine fedit frlora --alphas 0.3
+    # FedSmoothLoRA with zeta = 1 constant on an IID partition, against FedIT and FRLoRA
+    python benchmarks/federated_grid.py --output_dir benchmarks/results/papers_regimes/fedsmoothlora_iid \
+        --variants fedsmoothlora_paper_constant fedit frlora --partition iid
+    # Subspace-Reg's published comparison at batch 1 x gradient accumulation 8
+    python benchmarks/federated_grid.py --output_dir benchmarks/results/papers_regimes/subspace_reg_published \
+        --variants fedit flexlora fedsvd subspace_reg_published --alphas 0.3 \
+        --per_device_train_batch_size 1 --gradient_accumulation_steps 8
+
 Runs (metrics, final adapters) go to ``--runs_dir`` (default ``runs/benchmarks/PRESET``, not committed).
 Split a grid over processes with ``--shard 0/2`` and ``--shard 1/2`` (same output folder); finished runs
 (a ``metrics.jsonl`` with every round) are skipped, so an interrupted grid resumes where it stopped.
 ``--summarize_only`` re-reads the runs and rewrites the summary and figures.
+
+``--stored_summary PATH --stored_variants fedit frlora`` adds runs of an earlier grid's ``summary.json`` (same
+preset, partition and seeds, so the same client data and sampling) to the comparison instead of running them
+again, cut to this grid's ``--num_rounds`` (their curves and per-round jumps; their other means cover all their
+rounds and are left out). This is only sound where nothing in those runs depends on the run's length (a
+constant learning rate, no schedule over rounds) and the code has not changed their results; check one run's
+first evaluations against a fresh run before relying on it.
 
 Loss jump: for each client that trains again, its first-step loss minus its last-step loss of its previous
 round (one batch each); "local progress" is the mean first-step minus last-step loss within a round, and
@@ -58,7 +79,18 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "fedsmoothlora": ("fedsmoothlora", {}),
     "subspace_reg": ("subspace_reg", {}),
     "subspace_reg_no_reg": ("subspace_reg", {"mu": 0.0, "beta": 0.0, "lam": 0.0}),
-}
+    # The official code's forms (docs/methods.md): FedSmoothLoRA's image-classification code (a classifier here
+    # too) splits SVDs as U sqrt(S) / sqrt(S) V^T and estimates a small client's gradient from the batches it
+    # has; zeta decays from 1 to 0 on non-IID data and stays 1 on IID data. Subspace-Reg's server puts sqrt(c)
+    # on both factors.
+    "fedsmoothlora_paper_cosine": ("fedsmoothlora", {
+        "zeta": 1.0, "zeta_schedule": "cosine", "zeta_min": 0.0, "svd_factor_split": "balanced",
+        "small_client_gradient_batches": "available"}),
+    "fedsmoothlora_paper_constant": ("fedsmoothlora", {
+        "zeta": 1.0, "zeta_schedule": "constant", "svd_factor_split": "balanced",
+        "small_client_gradient_batches": "available"}),
+    "subspace_reg_published": ("subspace_reg", {"restore_norm_into": "both"}),
+}  # fmt: skip
 
 # One shared setting per model (no per-method tuning). local_steps=4 with batch 8 is the published
 # Subspace-Reg budget (about 4 optimizer steps of 8 examples per client per round).
@@ -83,8 +115,19 @@ CAUSAL_VARIANTS = ["fedit", "flexlora", "fedsvd", "subspace_reg", "frlora", "fed
 CLIP_NORM = {"all-MiniLM-L6-v2": 15.0, "SmolLM2-135M-Instruct": 25.0}
 
 
-def run_dir(root: Path, alpha: float, variant: str, seed: int) -> Path:
-    return root / f"alpha-{alpha:g}" / variant / f"seed-{seed}"
+def partition_label(alpha: float | None) -> str:
+    """How a partition is named in run folders and summaries: the Dirichlet alpha, or "iid" (``None``)."""
+    return "iid" if alpha is None else f"{alpha:g}"
+
+
+def run_dir(root: Path, alpha: float | None, variant: str, seed: int) -> Path:
+    folder = "iid" if alpha is None else f"alpha-{alpha:g}"
+    return root / folder / variant / f"seed-{seed}"
+
+
+def partition_alphas(args: argparse.Namespace) -> list[float | None]:
+    """The grid's partitions: one Dirichlet alpha each, or the single IID partition (``None``)."""
+    return [None] if args.partition == "iid" else list(args.alphas)
 
 
 def _complete(path: Path, num_rounds: int) -> bool:
@@ -99,7 +142,7 @@ def run_grid(args: argparse.Namespace, settings: dict[str, Any]) -> None:
 
     root = Path(args.runs_dir)
     # seeds outermost: a grid stopped early still has every method at the first seeds
-    jobs = [(a, v, s) for a in args.alphas for s in args.seeds for v in args.variants]
+    jobs = [(a, v, s) for a in partition_alphas(args) for s in args.seeds for v in args.variants]
     index, count = args.shard
     for position, (alpha, variant, seed) in enumerate(jobs):
         if position % count != index:
@@ -112,12 +155,13 @@ def run_grid(args: argparse.Namespace, settings: dict[str, Any]) -> None:
         if method == "subspace_reg":
             kwargs.setdefault("clip_norm", CLIP_NORM[settings["model"]])
         # flat settings, as in a YAML run file: the method's hyperparameters are top-level keys
+        partition = {"partition": "iid"} if alpha is None else {"partition": "dirichlet", "dirichlet_alpha": alpha}
         config = FederatedRunConfig.from_dict({
-            **settings, **kwargs, "method": method, "partition": "dirichlet", "dirichlet_alpha": alpha,
-            "seed": seed, "output_dir": str(out), "export_rank": settings["r"],
+            **settings, **kwargs, **partition, "method": method, "seed": seed, "output_dir": str(out),
+            "export_rank": settings["r"],
         })  # fmt: skip
         started = time.perf_counter()
-        print(f"[{position + 1}/{len(jobs)}] alpha={alpha:g} {variant} seed={seed}", flush=True)
+        print(f"[{position + 1}/{len(jobs)}] partition={partition_label(alpha)} {variant} seed={seed}", flush=True)
         run_federated(config)
         print(f"    done in {time.perf_counter() - started:.0f} s", flush=True)
 
@@ -133,17 +177,66 @@ def _mean_sd(values: list[float | None]) -> dict[str, float | None]:
     }
 
 
+# The cancellation ratio and cosines per round, as the mean over layers and on the flattened whole-model update
+# (the papers' form; peft_fed/diagnostics.py); a run's value is its mean over rounds.
+DIAGNOSTIC_FORMS = (
+    "cancellation_ratio", "whole_model_cancellation_ratio", "client_global_cosine",
+    "whole_model_client_global_cosine", "pairwise_cosine", "whole_model_pairwise_cosine",
+)  # fmt: skip
+
+
+def _partition_title(label: str) -> str:
+    return "IID partition" if label == "iid" else f"Dirichlet alpha = {label}"
+
+
+def _figure_tag(label: str) -> str:
+    return "iid" if label == "iid" else f"alpha{label}"
+
+
 def _rounds_to(curve: list[tuple[int, float]], target: float) -> int | None:
     return next((round_number for round_number, acc in curve if acc >= target), None)
 
 
+def stored_runs(
+    summary_path: Path, alpha: float | None, variant: str, seeds: list[int], num_rounds: int
+) -> list[dict[str, Any]]:
+    """The runs of ``variant`` in an earlier grid's summary, cut to the first ``num_rounds`` rounds."""
+    stored = json.loads(Path(summary_path).read_text())
+    block = stored["alphas"].get(partition_label(alpha), {}).get("variants", {}).get(variant)
+    if block is None:
+        raise ValueError(f"{summary_path} has no runs of {variant!r} at partition {partition_label(alpha)}")
+    runs = []
+    for run in block["runs"]:
+        if run["seed"] not in seeds:
+            continue
+        curve = [(round_number, acc) for round_number, acc in run["curve"] if round_number <= num_rounds]
+        accuracies = [acc for _, acc in curve]
+        runs.append({
+            "seed": run["seed"], "curve": curve, "abs_jump_curve": run["abs_jump_curve"][:num_rounds],
+            "best_accuracy": max(accuracies), "final_accuracy": accuracies[-1],
+            # means over all the stored rounds: not comparable with a shorter grid
+            "final_eval_loss": None, "basis_overlap": None, "mean_loss_jump": None, "mean_abs_loss_jump": None,
+            "local_progress": None, "uplink_bytes_per_round": run["uplink_bytes_per_round"],
+            "downlink_bytes_per_round": run["downlink_bytes_per_round"], "seconds_per_round": None,
+            **{key: None for key in DIAGNOSTIC_FORMS},
+        })  # fmt: skip
+    return runs
+
+
+def _round_mean_abs_jump(run: dict[str, Any]) -> float | None:
+    """Mean over rounds of each round's mean |inter-round loss jump| (the per-round values a stored run keeps)."""
+    values = [v for v in run["abs_jump_curve"] if v is not None]
+    return statistics.mean(values) if values else None
+
+
 def summarize(args: argparse.Namespace, settings: dict[str, Any]) -> dict[str, Any]:
     from peft_fed.cli import summarize_run
+    from peft_fed.engine.rounds import inter_round_loss_jumps
     from peft_fed.plotting import read_metrics
 
     root = Path(args.runs_dir)
     summary: dict[str, Any] = {"settings": settings, "preset": args.preset, "alphas": {}}
-    for alpha in args.alphas:
+    for alpha in partition_alphas(args):
         per_variant: dict[str, dict[str, Any]] = {}
         for variant in args.variants:
             runs = []
@@ -151,13 +244,18 @@ def summarize(args: argparse.Namespace, settings: dict[str, Any]) -> dict[str, A
                 path = run_dir(root, alpha, variant, seed)
                 if not _complete(path, settings["num_rounds"]):
                     continue
-                history = read_metrics(path)
+                # a run stopped after more rounds than the grid's is summarised over the grid's rounds
+                history = read_metrics(path)[: settings["num_rounds"]]
                 run = summarize_run(history)
                 run["seed"] = seed
                 run["curve"] = [
                     (r["round"], r["eval_accuracy"]) for r in history if r.get("eval_accuracy") is not None
                 ]
-                run["abs_jump_curve"] = [r.get("inter_round_loss_jump_abs") for r in history]
+                # each round's mean |jump|, recomputed from the client losses as summarize_run does
+                run["abs_jump_curve"] = [
+                    statistics.mean(abs(j) for j in jumps) if jumps else None
+                    for jumps in (inter_round_loss_jumps(history[:i], row) for i, row in enumerate(history))
+                ]
                 # A method whose clients barely learn also barely jumps: relate the jump to the loss a client
                 # gains within its round (first-step minus last-step loss, one batch each).
                 progress = [
@@ -167,9 +265,18 @@ def summarize(args: argparse.Namespace, settings: dict[str, Any]) -> dict[str, A
                     if math.isfinite(r["client_loss_first"][c]) and math.isfinite(r["client_loss_last"][c])
                 ]
                 run["local_progress"] = statistics.mean(progress) if progress else None
+                for key in DIAGNOSTIC_FORMS:
+                    values = [r[key] for r in history if r.get(key) is not None and not math.isnan(r[key])]
+                    run[key] = statistics.mean(values) if values else None
                 runs.append(run)
             if runs:
-                per_variant[variant] = {"runs": runs}
+                per_variant[variant] = {"runs": runs, "source": "run by this grid"}
+        for variant in args.stored_variants or []:
+            if variant in per_variant:
+                raise ValueError(f"{variant!r} is both run by this grid and taken from --stored_summary")
+            runs = stored_runs(args.stored_summary, alpha, variant, args.seeds, settings["num_rounds"])
+            if runs:
+                per_variant[variant] = {"runs": runs, "source": f"stored: {args.stored_summary}"}
         if not per_variant:
             continue
         target = 0.95 * max(
@@ -188,6 +295,8 @@ def summarize(args: argparse.Namespace, settings: dict[str, Any]) -> dict[str, A
                 run["target_accuracy"] = seed_targets[run["seed"]]
                 run["rounds_to_target"] = _rounds_to(run["curve"], seed_targets[run["seed"]])
             reached = [r["rounds_to_target"] for r in runs if r["rounds_to_target"] is not None]
+            for run in runs:
+                run["round_mean_abs_jump"] = _round_mean_abs_jump(run)
             entry.update(
                 seeds=[r["seed"] for r in runs],
                 best_accuracy=_mean_sd([r["best_accuracy"] for r in runs]),
@@ -202,6 +311,8 @@ def summarize(args: argparse.Namespace, settings: dict[str, Any]) -> dict[str, A
                 uplink_bytes_per_round=_mean_sd([r["uplink_bytes_per_round"] for r in runs]),
                 downlink_bytes_per_round=_mean_sd([r["downlink_bytes_per_round"] for r in runs]),
                 seconds_per_round=_mean_sd([r["seconds_per_round"] for r in runs]),
+                round_mean_abs_jump=_mean_sd([r["round_mean_abs_jump"] for r in runs]),
+                **{key: _mean_sd([r[key] for r in runs]) for key in DIAGNOSTIC_FORMS},
             )
             # ratio of the seed means: one seed with almost no local progress would blow up a mean of ratios;
             # clients that end their rounds no better than they began have no progress to relate the jump to
@@ -210,7 +321,7 @@ def summarize(args: argparse.Namespace, settings: dict[str, Any]) -> dict[str, A
                 "sd": 0.0,
                 "n": len(runs),
             }
-        summary["alphas"][f"{alpha:g}"] = {
+        summary["alphas"][partition_label(alpha)] = {
             "target_accuracy": target,
             "seed_targets": {str(k): v for k, v in sorted(seed_targets.items())},
             "variants": per_variant,
@@ -238,6 +349,11 @@ def _cell(stat: dict[str, Any], digits: int = 3, scale: float = 1.0) -> str:
     return f"{stat['mean'] * scale:.{digits}f} ± {stat['sd'] * scale:.{digits}f}"
 
 
+def _forms(variant: dict[str, Any], key: str) -> str:
+    """The per-layer and whole-model forms of one diagnostic (runs summarised before the latter existed: '-')."""
+    return " / ".join(_cell(variant.get(k, {"mean": None})) for k in (key, f"whole_model_{key}"))
+
+
 def _ratio(stat: dict[str, Any]) -> str:
     return "-" if stat["mean"] is None else f"{stat['mean']:.2f}"
 
@@ -246,14 +362,15 @@ def markdown(summary: dict[str, Any]) -> str:
     lines = []
     for alpha, block in summary["alphas"].items():
         lines += [
-            f"### Dirichlet alpha = {alpha} (targets per seed: "
+            f"### {_partition_title(alpha)} (targets per seed: "
             + ", ".join(f"{seed}: {t:.3f}" for seed, t in block["seed_targets"].items())
             + ")",
             "",
             "| method | seeds | best acc | final acc | final eval loss | basis overlap | abs. loss jump | "
             "signed jump | local progress | abs. jump / progress | rounds to target (reached) | up kB/round | "
-            "down kB/round | s/round |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+            "down kB/round | s/round | cancellation per layer / whole model | pairwise cosine per layer / whole model | "
+            "mean over rounds of the round's abs. jump | source |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for variant, v in block["variants"].items():
             lines.append(
@@ -263,7 +380,9 @@ def markdown(summary: dict[str, Any]) -> str:
                 f"{_ratio(v['relative_abs_jump'])} | "
                 f"{_cell(v['rounds_to_target'], 1)} ({v['reached_target']}) | "
                 f"{_cell(v['uplink_bytes_per_round'], 1, 1e-3)} | {_cell(v['downlink_bytes_per_round'], 1, 1e-3)} | "
-                f"{_cell(v['seconds_per_round'], 1)} |"
+                f"{_cell(v['seconds_per_round'], 1)} | "
+                f"{_forms(v, 'cancellation_ratio')} | {_forms(v, 'pairwise_cosine')} | "
+                f"{_cell(v.get('round_mean_abs_jump', {'mean': None}))} | {v.get('source', '-')} |"
             )
         lines.append("")
     return "\n".join(lines)
@@ -291,30 +410,34 @@ def plot(summary: dict[str, Any], output_dir: Path) -> list[Path]:
         for variant, v in variants.items():
             rounds, accs = _mean_curve(v["runs"])
             ax.plot(rounds, accs, marker="o", markersize=3, label=variant,
-                    linewidth=2.5 if variant in ("fedsmoothlora", "subspace_reg") else 1.2)  # fmt: skip
+                    linewidth=2.5 if variant.startswith(("fedsmoothlora", "subspace_reg")) else 1.2)  # fmt: skip
         ax.axhline(block["target_accuracy"], color="grey", linestyle=":", label="target (95% of best final)")
         ax.set(xlabel="round", ylabel=f"eval accuracy (mean of {len(next(iter(variants.values()))['seeds'])} seeds)",
-               title=f"{summary['settings']['model']} on {summary['settings']['dataset']}, Dirichlet {alpha}")  # fmt: skip
+               title=f"{summary['settings']['model']} on {summary['settings']['dataset']}, {_partition_title(alpha)}")  # fmt: skip
         ax.legend(fontsize=7, ncol=2)
         ax.grid(alpha=0.3)
-        path = output_dir / f"accuracy_curves_alpha{alpha}.png"
+        path = output_dir / f"accuracy_curves_{_figure_tag(alpha)}.png"
         fig.tight_layout()
         fig.savefig(path, dpi=120)
         plt.close(fig)
         written.append(path)
 
-        claim = [v for v in ("fedsmoothlora", "fedit", "frlora") if v in variants]
+        claim = [v for v in variants if v.startswith("fedsmoothlora")] + [v for v in ("fedit", "frlora") if v in variants]
+        if len(claim) == sum(v in variants for v in ("fedit", "frlora")):
+            claim = []  # no FedSmoothLoRA run: no claim to draw
         if claim:
-            fig, axes = plt.subplots(1, 4, figsize=(18, 4))
+            fedsmooth_colours = iter(["tab:blue", "tab:purple", "tab:cyan", "tab:brown"])
+            colours = {v: {"fedit": "tab:orange", "frlora": "tab:green"}.get(v) or next(fedsmooth_colours) for v in claim}
+            fig, axes = plt.subplots(1, 4, figsize=(18, 4.8))
             for variant in claim:
                 rounds, accs = _mean_curve(variants[variant]["runs"])
-                axes[0].plot(rounds, accs, marker="o", markersize=3, label=variant)
+                axes[0].plot(rounds, accs, marker="o", markersize=3, label=variant, color=colours[variant])
             axes[0].axhline(block["target_accuracy"], color="grey", linestyle=":")
             axes[0].set(xlabel="round", ylabel="eval accuracy (seed mean)", title="accuracy")
             axes[0].legend()
             for ax, key, title in (
                 (axes[1], "rounds_to_target", "rounds to target (lower is faster)"),
-                (axes[2], "mean_abs_loss_jump", "mean |inter-round loss jump| (lower is smoother)"),
+                (axes[2], "round_mean_abs_jump", "mean over rounds of |loss jump| (lower is smoother)"),
                 (axes[3], "relative_abs_jump", "|jump| / local progress per round"),
             ):
                 # a method that never reached the target gets a pale bar at the last round, labelled 0/N; a
@@ -330,7 +453,7 @@ def plot(summary: dict[str, Any], output_dir: Path) -> list[Path]:
                     means,
                     yerr=sds,
                     capsize=4,
-                    color=["tab:blue", "tab:orange", "tab:green"][: len(claim)],
+                    color=[colours[v] for v in claim],
                 )
                 for i, v in enumerate(claim):
                     if never[i]:
@@ -343,9 +466,10 @@ def plot(summary: dict[str, Any], output_dir: Path) -> list[Path]:
                         ax.text(i, 0.0, "n/a", ha="center", va="bottom", fontsize=8)
                 ax.set_ylim(bottom=0.0)  # counts, magnitudes and ratios: a panel of n/a alone has no scale
                 ax.set_title(title)
-            fig.suptitle(f"FedSmoothLoRA claim, Dirichlet {alpha} (mean ± sd over seeds)")
+                plt.setp(ax.get_xticklabels(), rotation=20, ha="right", fontsize=8)
+            fig.suptitle(f"FedSmoothLoRA claim, {_partition_title(alpha)} (mean ± sd over seeds)")
             fig.tight_layout()
-            path = output_dir / f"fedsmoothlora_claims_alpha{alpha}.png"
+            path = output_dir / f"fedsmoothlora_claims_{_figure_tag(alpha)}.png"
             fig.savefig(path, dpi=120)
             plt.close(fig)
             written.append(path)
@@ -365,10 +489,10 @@ def plot(summary: dict[str, Any], output_dir: Path) -> list[Path]:
                     i, m - 0.003, f"{m:.4f}", ha="center", va="top", fontsize=7, rotation=90, color="white"
                 )
             ax.set_ylabel("mean basis overlap ||Q_c^T Q_g||_F / sqrt(r)")
-            ax.set_title(f"Subspace-Reg claim: basis overlap, Dirichlet {alpha}")
+            ax.set_title(f"Subspace-Reg claim: basis overlap, {_partition_title(alpha)}")
             plt.setp(ax.get_xticklabels(), rotation=30, ha="right")
             fig.tight_layout()
-            path = output_dir / f"subspace_reg_overlap_alpha{alpha}.png"
+            path = output_dir / f"subspace_reg_overlap_{_figure_tag(alpha)}.png"
             fig.savefig(path, dpi=120)
             plt.close(fig)
             written.append(path)
@@ -393,24 +517,36 @@ def build_parser() -> argparse.ArgumentParser:
                         help="Default: every method (causal preset: the issue's six).")  # fmt: skip
     parser.add_argument("--seeds", nargs="+", type=int, default=[42, 43, 44])
     parser.add_argument("--alphas", nargs="+", type=float, default=[0.3, 0.1])
+    parser.add_argument("--partition", choices=("dirichlet", "iid"), default="dirichlet",
+                        help="dirichlet: one partition per --alphas value; iid: one IID partition.")  # fmt: skip
     parser.add_argument("--num_rounds", type=int, help="Override the preset's rounds.")
     parser.add_argument("--local_steps", type=int, help="Override the preset's local steps.")
     parser.add_argument("--max_eval_samples", type=int, help="Override the preset's eval set size.")
     parser.add_argument("--eval_every", type=int, help="Override the preset's evaluation interval.")
+    parser.add_argument("--per_device_train_batch_size", type=int, help="Override the preset's batch size.")
+    parser.add_argument("--gradient_accumulation_steps", type=int, help="Override the preset's accumulation.")
     parser.add_argument(
         "--shard", type=_shard, default=(0, 1), help="Run every N-th job starting at I (I/N)."
     )
     parser.add_argument("--summarize_only", action="store_true")
+    parser.add_argument("--stored_summary", type=Path, help="An earlier grid's summary.json to take runs from.")
+    parser.add_argument("--stored_variants", nargs="+", choices=sorted(VARIANTS), default=[],
+                        help="Variants taken from --stored_summary instead of being run.")  # fmt: skip
     return parser
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.stored_variants and args.stored_summary is None:
+        parser.error("--stored_variants needs --stored_summary")
     if args.variants is None:
         args.variants = CAUSAL_VARIANTS if args.preset == "smollm2" else list(VARIANTS)
     args.runs_dir = args.runs_dir or f"runs/benchmarks/{args.preset}"
     settings = dict(PRESETS[args.preset])
-    for key in ("num_rounds", "local_steps", "max_eval_samples", "eval_every"):
+    overridable = ("num_rounds", "local_steps", "max_eval_samples", "eval_every", "per_device_train_batch_size",
+                   "gradient_accumulation_steps")  # fmt: skip
+    for key in overridable:
         if getattr(args, key) is not None:
             settings[key] = getattr(args, key)
     output_dir = Path(args.output_dir)

@@ -1,6 +1,7 @@
-"""The ``peft-fed`` command: ``train``, ``compare``, ``export``, ``plot`` and ``unmix``.
+"""The ``peft-fed`` command: ``train``, ``compare``, ``deploy``, ``export``, ``plot`` and ``unmix``.
 
     peft-fed train                                   # the offline default run
+    peft-fed deploy --num_nodes 3                    # the same on a local Flower deployment (TLS, node auth)
     peft-fed train --config examples/configs/wordnet_mc_minilm.yaml --method fedit --num_rounds 20
     peft-fed train --method subspace_reg --mu 0.1 --clip_norm 25 --learning_rate 5e-4 --optim sgd
     peft-fed compare --methods fedit fedsmoothlora --seeds 42 43 --output_dir runs/compare
@@ -44,6 +45,8 @@ from . import __version__
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical", "passive")
 # keys of the fast parser's namespace that are not run settings
 _COMMAND_KEYS = frozenset({"command", "handler", "config", "methods", "seeds", "help_training"})
+# ``deploy``'s own flags (the deployment, not the run)
+_DEPLOY_KEYS = frozenset({"num_nodes", "deployment_dir", "insecure", "run_timeout"})
 _TRAINING_EPILOG = (
     "Every transformers.TrainingArguments field is a flag too (the local training of each client), e.g. "
     "--learning_rate 5e-4 --per_device_train_batch_size 16 --gradient_accumulation_steps 2 --optim sgd "
@@ -235,7 +238,7 @@ def run_settings(args: argparse.Namespace, rest: Sequence[str] = (), methods: Se
         if getattr(args, "config", None):
             settings.update(read_settings_file(args.config))
             labels.update({k: f"{k} (in {args.config})" for k in settings})
-        flags = {k: v for k, v in vars(args).items() if k not in _COMMAND_KEYS}
+        flags = {k: v for k, v in vars(args).items() if k not in _COMMAND_KEYS | _DEPLOY_KEYS | _deployment_keys(args)}
         settings.update(flags)
         labels.update({k: f"--{k}" for k in flags})
         groups = split_settings(settings, list(methods) if methods else None, labels=labels)
@@ -301,6 +304,86 @@ def _train(args: argparse.Namespace, rest: Sequence[str]) -> int:
               f"adapter: {result.final_dir}")
         if result.export_report is not None:
             print(f"exported at rank {result.export_report.rank}, relative error {result.export_report.relative_error:.3g}")
+    return 0
+
+
+def _deployment_keys(args: argparse.Namespace) -> frozenset[str]:
+    if getattr(args, "command", None) != "deploy":
+        return frozenset()
+    from .flower.settings import deployment_field_names
+
+    return frozenset(deployment_field_names())
+
+
+def _deploy(args: argparse.Namespace, rest: Sequence[str]) -> int:
+    """A local Flower deployment on loopback (a SuperLink, ``--num_nodes`` SuperNodes, TLS and node authentication)
+    running one federated training; every process is stopped at the end."""
+    import yaml
+
+    settings = run_settings(args, rest)
+    log_level = _log_level(settings)
+    folder = Path(args.deployment_dir).absolute()
+    settings.setdefault("num_clients", args.num_nodes)
+    if settings["num_clients"] != args.num_nodes:
+        raise CliError(f"a local deployment runs one node per client: --num_clients {settings['num_clients']} "
+                       f"needs --num_nodes {settings['num_clients']}")  # fmt: skip
+    # the default run samples 3 clients a round: never more than the nodes started
+    settings.setdefault("clients_per_round", min(3, args.num_nodes))
+    if settings["clients_per_round"] is not None and int(settings["clients_per_round"]) > args.num_nodes:
+        raise CliError(f"--clients_per_round {settings['clients_per_round']} is more than the {args.num_nodes} nodes")
+    settings.setdefault("output_dir", str(folder / "server"))
+    settings["output_dir"] = str(Path(settings["output_dir"]).absolute())
+    _run_config(dict(settings), args)  # every setting checked before a process starts
+    from .flower.settings import DeploymentArguments, deployment_field_names
+
+    deployment = {k: v for k, v in vars(args).items() if k in deployment_field_names()}
+    with settings_errors():
+        DeploymentArguments(**deployment)
+    try:
+        from .flower.local import APP_DIR, DeploymentError, LocalDeployment
+    except ImportError as error:
+        raise CliError(f"peft-fed deploy needs {error.name or error}: pip install 'peft-fed[flower]'") from None
+    from .runtime.checkpoint import check_output_dir
+
+    with settings_errors():
+        check_output_dir(settings["output_dir"], resume=bool(settings.get("resume")),
+                         overwrite=bool(settings.get("overwrite_output_dir")))  # fmt: skip
+    configure_logging("info" if log_level == "passive" else log_level)  # after the checks: their errors stay one line
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "run.yaml").write_text(yaml.safe_dump(settings))
+    tls = not args.insecure
+    with LocalDeployment(folder / "flower", args.num_nodes, tls=tls, node_auth=tls) as running:
+        print(f"SuperLink on 127.0.0.1:{running.port} ({'TLS, SuperNode authentication' if tls else 'INSECURE'}), "
+              f"{args.num_nodes} SuperNodes; logs in {running.folder / 'logs'}", file=sys.stderr)  # fmt: skip
+        try:
+            run_id = running.run(APP_DIR, {"config": str(folder / "run.yaml"), **deployment}, timeout=args.run_timeout)
+        except DeploymentError as error:
+            raise CliError(f"{str(error).splitlines()[0]} (every process's log: {running.folder / 'logs'})") from None
+    from .runtime.pipeline import format_round_table
+
+    metrics = Path(settings["output_dir"]) / "metrics.jsonl"
+    history = [json.loads(line) for line in metrics.read_text().splitlines()]
+    print(format_round_table(history))
+    print(f"\nrun {run_id} finished: metrics {metrics}; adapter {Path(settings['output_dir']) / 'final'}")
+    return 0
+
+
+def _certificates(args: argparse.Namespace, rest: Sequence[str]) -> int:
+    from .flower.local import make_certificates, make_node_key
+
+    if args.days < 1:
+        raise CliError(f"--days must be >= 1, got {args.days}")
+    out = Path(args.output_dir)
+    if (out / "ca.crt").exists():
+        raise CliError(f"{out} already holds certificates: give another --output_dir (keys are never overwritten)")
+    made = make_certificates(out, args.hosts, days=args.days)
+    print(f"CA: {made.ca_certificate} (give it to every SuperNode and flwr CLI)\n"
+          f"SuperLink: --ssl-ca-certfile {made.ca_certificate} --ssl-certfile {made.server_certificate} "
+          f"--ssl-keyfile {made.server_key}")  # fmt: skip
+    for name in args.node_keys:
+        private, public = make_node_key(out / "node-keys", name)
+        print(f"node {name}: flwr supernode register {public} CONNECTION; "
+              f"flower-supernode --auth-supernode-private-key {private} (keep {private} on that node only)")  # fmt: skip
     return 0
 
 
@@ -504,7 +587,7 @@ def build_parser(run_commands: Sequence[str] = ("train", "compare")) -> argparse
     transformers); ``main`` adds them only for the command it runs, so ``--version`` and ``export`` stay light."""
     parser = _Parser(prog="peft-fed", description="Federated LoRA fine-tuning for Hugging Face PEFT.", allow_abbrev=False)
     parser.add_argument("--version", action="version", version=f"peft-fed {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="{train,compare,export,plot,unmix}")
+    sub = parser.add_subparsers(dest="command", metavar="{train,compare,deploy,certificates,export,plot,unmix}")
     formatter = argparse.ArgumentDefaultsHelpFormatter
 
     def subcommand(name: str, help_text: str, **kwargs):
@@ -527,6 +610,42 @@ def build_parser(run_commands: Sequence[str] = ("train", "compare")) -> argparse
         compare.add_argument("--seeds", nargs="+", type=int, default=[42], help="Seeds (default: 42).")
         add_run_arguments(compare)
     compare.set_defaults(handler=_compare)
+
+    deploy = subcommand(
+        "deploy",
+        "Run a federated training on a local Flower deployment: a SuperLink and --num_nodes SuperNodes on loopback "
+        "(TLS and SuperNode authentication), one node per client; every peft-fed train flag applies.",
+        epilog=_TRAINING_EPILOG,
+    )
+    if "deploy" in run_commands:
+        import dataclasses
+
+        from .flower.settings import DeploymentArguments
+
+        options = deploy.add_argument_group("deployment")
+        options.add_argument("--num_nodes", type=int, default=3, help="SuperNodes (= clients) to start (default: 3).")
+        options.add_argument("--deployment_dir", default="runs/deploy",
+                             help="Certificates, keys, node states and logs (default: runs/deploy).")  # fmt: skip
+        options.add_argument("--insecure", action="store_true", help="No TLS and no SuperNode authentication.")
+        options.add_argument("--run_timeout", type=float, default=7200.0, help="Seconds the run may take (default: 7200).")
+        for f in dataclasses.fields(DeploymentArguments):
+            kind = {"action": "store_true"} if isinstance(f.default, bool) else {"type": type(f.default)}
+            options.add_argument(f"--{f.name}", default=argparse.SUPPRESS, help=f"{f.metadata['help']} (default: {f.default})",
+                                 **kind)  # fmt: skip
+        add_run_arguments(deploy)
+    deploy.set_defaults(handler=_deploy)
+
+    certificates = subcommand(
+        "certificates",
+        "Make a CA and a SuperLink TLS certificate it signs (for flower-superlink --ssl-*), and SuperNode "
+        "authentication keys (for flwr supernode register / flower-supernode --auth-supernode-private-key).",
+    )
+    certificates.add_argument("--hosts", nargs="+", default=["127.0.0.1", "localhost"],
+                              help="IP addresses and DNS names the SuperLink is reached at (default: 127.0.0.1 localhost).")  # fmt: skip
+    certificates.add_argument("--node_keys", nargs="*", default=[], metavar="NAME", help="Make a key pair per name.")
+    certificates.add_argument("--output_dir", default="certificates")
+    certificates.add_argument("--days", type=int, default=365, help="Validity of the certificates (default: 365).")
+    certificates.set_defaults(handler=_certificates)
 
     export = subcommand("export", "Re-export a finished run's adapter (other rank, merged, Hub).")
     export.add_argument("--run_dir", required=True, help="output_dir of a finished peft-fed train.")
@@ -562,7 +681,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
         return unmix_main(argv[1:])
     try:
-        parser = build_parser(run_commands=[argv[0]] if argv and argv[0] in ("train", "compare") else ())
+        parser = build_parser(run_commands=[argv[0]] if argv and argv[0] in ("train", "compare", "deploy") else ())
         if not argv:
             parser.print_help()
             return 0
@@ -571,7 +690,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if handler is None:
             parser.print_help()
             return 0
-        if rest and args.command not in ("train", "compare"):
+        if rest and args.command not in ("train", "compare", "deploy"):
             raise CliError(f"unrecognized arguments: {' '.join(rest)}")
         return handler(args, rest)
     except CliError as error:

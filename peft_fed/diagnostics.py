@@ -3,6 +3,12 @@
 All functions take the participating clients' *trained* LoRA factors (the runtime has them even for
 methods that upload only one factor), their weights ``p_c`` and the layer specs. Update matrices are
 ``dW_c = s B_c A_c``; inner products are taken without forming a dense ``m x n`` matrix where possible.
+
+Two forms of the cancellation ratio and the cosines: the unprefixed fields are means over layers of per-layer
+values; the ``whole_model_`` fields treat the update of every adapted layer as one flattened vector, as the
+Subspace-Reg code computes them (``src/metrics.py``: ``cancellation_ratio``, ``mean_client_global_cosine``,
+``mean_pairwise_client_cosine``), so they are the ones to compare with published values. A layer whose updates
+are large dominates the whole-model form; every layer counts once in the per-layer mean.
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ from .state import LayerSpec
 
 @dataclass
 class RoundDiagnostics:
-    """Averages over layers (and clients, or client pairs) of one round."""
+    """One round's diagnostics: means over layers (and clients, or client pairs), and the whole-model forms."""
 
     basis_overlap: float
     """``||Q_c^T Q_g||_F / sqrt(r)`` with ``Q_g`` = orth(new global B), in [0, 1]."""
@@ -30,6 +36,12 @@ class RoundDiagnostics:
     """Mean cosine between each ``dW_c`` and the aggregate ``sum_c p_c dW_c``."""
     pairwise_cosine: float
     """Mean cosine between pairs of client updates (nan with a single client)."""
+    whole_model_cancellation_ratio: float
+    """``||sum_c p_c dW_c|| / sum_c p_c ||dW_c||`` with ``dW_c`` every layer's update flattened into one vector."""
+    whole_model_client_global_cosine: float
+    """Mean over clients of the cosine between the flattened ``dW_c`` and the flattened aggregate."""
+    whole_model_pairwise_cosine: float
+    """Mean cosine between pairs of flattened client updates (nan with a single client)."""
 
     def as_dict(self) -> dict[str, float]:
         return asdict(self)
@@ -67,6 +79,9 @@ def round_diagnostics(
         raise ValueError("round_diagnostics needs one weight per client and at least one client")
     sums = {"overlap": 0.0, "overlap_sq": 0.0, "cancel": 0.0, "cg": 0.0, "pair": 0.0}
     counts = {"overlap": 0, "overlap_sq": 0, "cancel": 0, "cg": 0, "pair": 0}
+    # Gram matrix of the flattened whole-model updates: index len(clients) is the aggregate.
+    num_clients = len(client_factors)
+    gram = torch.zeros(num_clients + 1, num_clients + 1, dtype=torch.float64)
 
     def add(key: str, value: float) -> None:
         if value == value:  # skip nan (an all-zero update has no direction)
@@ -95,14 +110,46 @@ def round_diagnostics(
         for i in range(len(updates)):
             for j in range(i + 1, len(updates)):
                 add("pair", _cosine(updates[i], updates[j]))
+        layer_vectors = [*updates, aggregate]
+        for i in range(num_clients + 1):
+            for j in range(i, num_clients + 1):
+                inner = _inner(layer_vectors[i], layer_vectors[j])
+                gram[i, j] += inner
+                if j != i:
+                    gram[j, i] += inner
 
     def mean(key: str) -> float:
         return sums[key] / counts[key] if counts[key] else float("nan")
 
+    whole = _whole_model_diagnostics(gram, weights)
     return RoundDiagnostics(
         basis_overlap=mean("overlap"),
         basis_overlap_squared=mean("overlap_sq"),
         cancellation_ratio=mean("cancel"),
         client_global_cosine=mean("cg"),
         pairwise_cosine=mean("pair"),
+        **whole,
     )
+
+
+def _whole_model_diagnostics(gram: torch.Tensor, weights: Sequence[float]) -> dict[str, float]:
+    """Cancellation ratio and cosines of the flattened updates from their Gram matrix (last row: aggregate)."""
+    num_clients = gram.shape[0] - 1
+    norms = gram.diagonal().clamp_min(0).sqrt()
+
+    def cosine(i: int, j: int) -> float:
+        denominator = float(norms[i] * norms[j])
+        return float(gram[i, j]) / denominator if denominator > 0 else float("nan")
+
+    def mean(values: list[float]) -> float:
+        finite = [v for v in values if v == v]
+        return sum(finite) / len(finite) if finite else float("nan")
+
+    mean_norm = sum(w * float(n) for w, n in zip(weights, norms[:num_clients], strict=True))
+    return {
+        "whole_model_cancellation_ratio": float(norms[-1]) / mean_norm if mean_norm > 0 else float("nan"),
+        "whole_model_client_global_cosine": mean([cosine(c, num_clients) for c in range(num_clients)]),
+        "whole_model_pairwise_cosine": mean(
+            [cosine(i, j) for i in range(num_clients) for j in range(i + 1, num_clients)]
+        ),
+    }

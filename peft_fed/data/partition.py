@@ -296,8 +296,10 @@ def split_clients(
     Returns:
         `(train_partitions, eval_partitions)`, each a list in client order.
     """
-    if not 0.0 < eval_fraction < 1.0:
-        raise ValueError(f"eval_fraction must be in (0, 1), got {eval_fraction}.")
+    if not 0.0 <= eval_fraction < 1.0:
+        raise ValueError(f"eval_fraction must be in [0, 1), got {eval_fraction}.")
+    if eval_fraction == 0.0:  # every row trains (e.g. a deployed client's own file)
+        return list(partitions), [part.select([]) for part in partitions]
     trains, evals = [], []
     for client, part in enumerate(partitions):
         n = len(part)

@@ -1,5 +1,6 @@
 """The one round engine every runtime drives (no transformers import): see :mod:`peft_fed.engine.rounds`."""
 
+from .client_store import ClientStateStore
 from .rounds import (
     ClientExecutor,
     ClientRecord,
@@ -14,6 +15,7 @@ from .rounds import (
 __all__ = [
     "ClientExecutor",
     "ClientRecord",
+    "ClientStateStore",
     "ClientTask",
     "RoundEngine",
     "RoundHooks",

@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping, MutableMapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -28,6 +29,7 @@ from ..diagnostics import round_diagnostics
 from ..linalg import LowRank
 from ..state import Broadcast, ClientState, ServerState, sample_round_clients
 from ..strategies.base import NoValidUploadsError, Strategy
+from .client_store import ClientStateStore
 
 logger = logging.getLogger(__name__)
 
@@ -66,6 +68,8 @@ class ClientExecutor(Protocol):
 
     def apply_backbone_update(self, update: Mapping[str, LowRank]) -> None:
         """Add the server's merged update to the backbone of the model(s) this executor holds."""
+
+    # An executor may also define ``executor_metrics() -> dict``: what it adds to the row of the round it just played.
 
 
 class RoundHooks:
@@ -121,6 +125,9 @@ class RoundEngine:
         clients_per_round: sampled per round (a seeded draw by ``(seed, round)``).
         seed: the run's seed.
         invalid_upload: ``"raise"`` stops the run when a client fails numerically; ``"drop"`` drops it.
+        client_state_memory_budget: most bytes of kept client state held in memory; beyond it the least recently
+            used clients' states go to disk (:class:`~peft_fed.engine.ClientStateStore`). ``None``: all in memory.
+        client_state_dir: where spilled client states go (default: a temporary folder removed with the engine).
     """
 
     def __init__(
@@ -132,6 +139,8 @@ class RoundEngine:
         clients_per_round: int,
         seed: int,
         invalid_upload: str = "drop",
+        client_state_memory_budget: int | None = None,
+        client_state_dir: str | os.PathLike | None = None,
     ) -> None:
         if not 1 <= clients_per_round <= num_clients:
             raise ValueError(f"clients_per_round must be in [1, {num_clients}], got {clients_per_round}")
@@ -142,7 +151,11 @@ class RoundEngine:
         self.seed = seed
         self.invalid_upload = invalid_upload
         self.server_state: ServerState | None = None
-        self.client_states = {str(i): ClientState(client_id=str(i)) for i in range(num_clients)}
+        self.client_states: MutableMapping[str, ClientState] = ClientStateStore(
+            ((str(i), ClientState(client_id=str(i))) for i in range(num_clients)),
+            memory_budget_bytes=client_state_memory_budget,
+            spill_dir=client_state_dir,
+        )
         self.history: list[dict[str, Any]] = []
 
     # ------------------------------------------------------------------ state
@@ -158,7 +171,10 @@ class RoundEngine:
     ) -> None:
         """Continue from a checkpoint (the executor's backbone must be restored by the runtime)."""
         self.server_state = server_state
-        self.client_states = dict(client_states)
+        if client_states is not self.client_states:
+            # the store keeps its budget and folder; the checkpoint's states replace what it held
+            self.client_states.clear()
+            self.client_states.update(client_states)
         self.history = [dict(row) for row in history]
 
     @property
@@ -203,17 +219,45 @@ class RoundEngine:
 
     def play_round(self, round_index: int) -> dict[str, Any]:
         """One round, without evaluation: the metrics row (the history is not appended to)."""
+        tasks = self.begin_round(round_index)
+        tic = time.perf_counter()
+        records = self.executor.train_clients(round_index, tasks)
+        row = self.end_round(round_index, tasks, records, local_seconds=time.perf_counter() - tic)
+        executor_metrics = getattr(self.executor, "executor_metrics", None)  # optional: e.g. a deployment's wire bytes
+        if executor_metrics is not None:
+            row.update(executor_metrics())
+        return row
+
+    def begin_round(self, round_index: int) -> list[ClientTask]:
+        """The first half of a round: sample the clients and configure each (nothing changes yet).
+
+        :meth:`play_round` is ``begin_round`` -> the executor -> :meth:`end_round`; a runtime whose own loop sends
+        the tasks (Flower's ``Strategy.start``) calls the two halves around it."""
         if round_index != self.completed_rounds:
             raise ValueError(f"round {round_index} cannot follow {self.completed_rounds} completed rounds")
-        selected = self.sample_clients(round_index)
-        tasks = [
+        return [
             ClientTask(cid, self.strategy.configure(self.server_state, self.client_states[cid]), self.client_states[cid])
-            for cid in selected
+            for cid in self.sample_clients(round_index)
         ]
-        tic = time.perf_counter()
-        records = sorted(self.executor.train_clients(round_index, tasks), key=lambda r: int(r.client_id))
-        local_seconds = time.perf_counter() - tic
 
+    def end_round(
+        self,
+        round_index: int,
+        tasks: Sequence[ClientTask],
+        records: Sequence[ClientRecord],
+        *,
+        local_seconds: float = float("nan"),
+    ) -> dict[str, Any]:
+        """The second half of a round: aggregate the records of ``tasks`` (a task without a record counts as a
+        client that failed), merge, and return the metrics row; the state changes only if aggregation succeeds."""
+        if round_index != self.completed_rounds:
+            raise ValueError(f"round {round_index} cannot follow {self.completed_rounds} completed rounds")
+        selected = [task.client_id for task in tasks]
+        by_id = {record.client_id: record for record in records if record.client_id in selected}
+        records = sorted(
+            [by_id.get(cid) or ClientRecord(cid, None, None, None, 0, failure="sent no reply") for cid in selected],
+            key=lambda r: int(r.client_id),
+        )
         tic = time.perf_counter()
         good = [r for r in records if r.failure is None]
         dropped = {r.client_id: r.failure for r in records if r.failure is not None}
@@ -238,7 +282,14 @@ class RoundEngine:
         aggregate_seconds = time.perf_counter() - tic
 
         used = [r for r in good if r.client_id in accepted]
-        diagnostics = round_diagnostics(self.strategy.specs, [r.trained for r in used], result.weights, result.global_B)
+        trained = [r.trained for r in used]
+        # a deployed client sends only what its method uploads: without every client's trained factors the
+        # round's diagnostics cannot be computed and are left out of the row
+        diagnostics = (
+            round_diagnostics(self.strategy.specs, trained, result.weights, result.global_B).as_dict()
+            if all(factors is not None for factors in trained)
+            else {}
+        )
         weights = {r.client_id: w for r, w in zip(used, result.weights, strict=True)}
         row: dict[str, Any] = {
             "round": round_index + 1,
@@ -249,7 +300,7 @@ class RoundEngine:
             "client_loss_first": {r.client_id: r.loss_first for r in records},
             "client_loss_last": {r.client_id: r.loss_last for r in records},
             "client_num_samples": {r.client_id: r.num_samples for r in records},
-            **diagnostics.as_dict(),
+            **diagnostics,
             "uplink_bytes": int(sum(r.upload.nbytes for r in good)),
             "downlink_bytes": int(sum(task.broadcast.nbytes for task in tasks)),
             "backbone_version": self.server_state.backbone_version,
@@ -257,6 +308,7 @@ class RoundEngine:
             "init_seconds": float(sum(r.timings.get("init_seconds", 0.0) for r in records)),
             "round_local_wall_seconds": local_seconds,
             "aggregation_seconds": aggregate_seconds,
+            **result.metrics,
         }
         jumps = inter_round_loss_jumps(self.history, row)
         row["inter_round_loss_jump"] = float(np.mean(jumps)) if jumps else None

@@ -29,6 +29,39 @@ _TASKS_WITH_LABELS = ("SEQ_CLS", "TOKEN_CLS")
 
 
 
+# The key of FederatedRunInfo.extra that holds a differentially private run's guarantee
+# (peft_fed.privacy.PrivacyGuarantee.to_dict()); the card gives it its own section.
+PRIVACY_KEY = "differential_privacy"
+
+
+def _privacy_section(guarantee: dict) -> list[str]:
+    epsilon = guarantee["epsilon"]
+    epsilon_text = f"{epsilon:.3g}" if epsilon is not None and epsilon != float("inf") else "infinite (no noise)"
+    covered = (
+        "the server's state after every round, hence every broadcast and this adapter"
+        if guarantee["covers_global_model"]
+        else "the shared tensors the server aggregated (its state after every round, every broadcast); NOT this "
+        "adapter as a whole: the method's global model also averages factors the clients kept private, which "
+        "were never noised"
+    )
+    return [
+        "## Privacy",
+        "",
+        f"Client-level differential privacy: **(epsilon = {epsilon_text}, delta = {guarantee['delta']:.3g})** after "
+        f"{guarantee['rounds']} rounds. The unit of privacy is {guarantee['unit']}.",
+        "",
+        f"- Mechanism: each client's update clipped to L2 norm {guarantee['clip']:g}; the unweighted mean over the "
+        f"{guarantee['clients_per_round']} clients sampled (without replacement) from {guarantee['num_clients']} each "
+        f"round, plus Gaussian noise of std {guarantee['noise_multiplier']:.4g} x clip / "
+        f"{guarantee['clients_per_round']}",
+        f"- Accountant: {guarantee['accountant']}",
+        f"- Covers: {covered}",
+        "- Does not cover: the server itself (it saw every client's upload before clipping and noise), which clients took "
+        "part in which round, their sample counts, and anything outside the model (logs, metrics)",
+        "",
+    ]
+
+
 def _hub_id_or_none(name: str | None) -> str | None:
     """``name`` if it can be a Hub model id (the card's ``base_model`` metadata must be one), else ``None``."""
     if not name or os.path.exists(name):
@@ -123,7 +156,7 @@ def _card_text(
             lines.append(f"| LoRA rank during training | {info.training_rank} |")
         if info.initial_adapter:
             lines.append(f"| Started from adapter | {info.initial_adapter} |")
-        lines += [f"| {key} | {value} |" for key, value in info.extra.items()]
+        lines += [f"| {key} | {value} |" for key, value in info.extra.items() if key != PRIVACY_KEY]
     lines.append("")
     if report.kind == "adapter":
         ranks = sorted(set(report.layer_ranks.values()))
@@ -156,6 +189,8 @@ def _card_text(
                 "on top of that merged model (see below)"
             )
         lines.append("")
+    if info is not None and info.extra.get(PRIVACY_KEY):
+        lines += _privacy_section(info.extra[PRIVACY_KEY])
     lines += [
         "## How to load",
         "",

@@ -56,7 +56,7 @@ _TEMP_FILE_PATTERN = re.compile(r"^\.(.+)\.tmp-(\d+)$")  # of write_text_atomic
 _FILES = ("server.safetensors", "clients.safetensors", "backbone.safetensors", "meta.json")
 RUN_FINGERPRINT_FILE = "run_fingerprint.json"
 # what makes a folder hold a run (refused as the output_dir of a new run unless overwrite_output_dir)
-RUN_FILES = ("metrics.jsonl", "checkpoints", "final", "run_config.json", RUN_FINGERPRINT_FILE, "convergence.png")
+RUN_FILES = ("metrics.jsonl", "checkpoints", "final", "run_config.json", RUN_FINGERPRINT_FILE, "convergence.png", "client_states")
 
 
 class CorruptCheckpointError(RuntimeError):

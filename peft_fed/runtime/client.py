@@ -46,12 +46,6 @@ class ClientRoundResult:
     timings: dict[str, float] = field(default_factory=dict)
 
 
-def merge_broadcast_into_backbone(model: nn.Module, broadcast: Broadcast, adapter_name: str = "default") -> None:
-    """A deployed client's own copy of the backbone catches up with the server's merges."""
-    for update in broadcast.backbone_updates:
-        peft_bridge.add_to_base_weights(model, update, adapter_name)
-
-
 def run_client_round(
     model: nn.Module,
     strategy: Strategy,

@@ -199,17 +199,83 @@ def prepare_federated_data(config: FederatedRunConfig):
     column = data.partition_column
     if column is None:
         column = info.natural_id_column if task.is_multiple_choice and info.natural_id_column else info.label_column
-    partitions = partition_dataset(
-        train,
-        data.num_clients,
-        data.partition,
-        label_column=column,
-        natural_id_column=info.natural_id_column if data.partition == "natural_id" else None,
-        alpha=data.dirichlet_alpha,
-        seed=seed,
-    )
+    if data.num_clients == 1:  # one client holds every row, in the order of its source (a deployed client's own file)
+        partitions = [train]
+    else:
+        partitions = partition_dataset(
+            train,
+            data.num_clients,
+            data.partition,
+            label_column=column,
+            natural_id_column=info.natural_id_column if data.partition == "natural_id" else None,
+            alpha=data.dirichlet_alpha,
+            seed=seed,
+        )
     client_train, client_eval = split_clients(partitions, data.client_eval_fraction, seed=seed)
     return client_train, client_eval, evaluation, task, info
+
+
+@dataclass
+class LoadedRun:
+    """A run's model and data, ready for a trainer: what the simulation, a deployment's server and its nodes share."""
+
+    config: FederatedRunConfig
+    """The config with the task type the dataset resolved."""
+    model: Any
+    """The ``PeftModel`` (the method's typed PEFT config where it has one)."""
+    tokenizer: Any
+    task: Any
+    client_train: list
+    """The clients' training sets, tokenised (the partition of the run's dataset)."""
+    evaluation: Any
+    """The global evaluation set, tokenised."""
+
+    def trainer_kwargs(self) -> dict[str, Any]:
+        """The task's pieces a :class:`~peft_fed.FederatedTrainer` takes."""
+        return {
+            "task": self.task,
+            "data_collator": self.task.collator(self.tokenizer),
+            "processing_class": self.tokenizer,
+            "preprocess_logits_for_metrics": self.task.preprocess_logits_for_metrics,
+            "run_config": self.config.to_dict(),
+        }
+
+
+def load_run(config: FederatedRunConfig, *, tokenize_clients: bool = True, tokenize_eval: bool = True) -> LoadedRun:
+    """Load and partition the data, load the model (its head seeded by the run's seed), add the adapter.
+
+    ``tokenize_clients=False`` leaves the clients' sets raw (a deployed server never trains on them);
+    ``tokenize_eval=False`` the evaluation set (a deployed client never evaluates)."""
+    from peft import get_peft_model
+    from transformers import set_seed
+
+    from ..modeling import (
+        check_target_modules,
+        default_modules_to_save,
+        default_target_modules,
+        load_initial_adapter,
+        load_model_and_tokenizer,
+    )
+
+    client_train, _, evaluation, task, info = prepare_federated_data(config)
+    task_type = info.task_type
+    config = dataclasses.replace(config, model_args=dataclasses.replace(config.model_args, task_type=task_type))
+    set_seed(config.training_args.seed)  # the task head is initialised at load time: make it the same on every run
+    model_args = config.model_args
+    model, tokenizer = load_model_and_tokenizer(
+        model_args.model, task_type, num_labels=info.num_labels, label_names=info.label_names
+    )
+    if model_args.init_adapter:
+        model = load_initial_adapter(model, model_args.init_adapter)
+    target_modules = config.lora_args.target_modules or default_target_modules(model)
+    check_target_modules(model, target_modules)
+    modules_to_save = default_modules_to_save(model, task_type)
+    peft_model = get_peft_model(model, _peft_config(config, task_type, target_modules, modules_to_save))
+    if tokenize_clients:
+        client_train = [task.preprocess(d, tokenizer, name=f"client {i}") for i, d in enumerate(client_train)]
+    if tokenize_eval:
+        evaluation = task.preprocess(evaluation, tokenizer, name="eval")
+    return LoadedRun(config, peft_model, tokenizer, task, client_train, evaluation)
 
 
 def run_federated(config: FederatedRunConfig | Mapping[str, Any] | None = None, /, **settings: Any) -> RunResult:
@@ -226,53 +292,30 @@ def run_federated(config: FederatedRunConfig | Mapping[str, Any] | None = None, 
         raise TypeError("give a FederatedRunConfig or flat settings, not both")
     started = time.perf_counter()
     args = config.training_args
-    output_dir = Path(args.output_dir)
     # refuse a new run into a folder holding one before anything loads; the trainer checks again (and for a resume,
     # against the checkpoint) and writes run_config.json only once its checks pass: nothing of an existing run is
     # written or deleted before that
-    check_output_dir(output_dir, resume=args.resume, overwrite=getattr(args, "overwrite_output_dir", False))
+    check_output_dir(args.output_dir, resume=args.resume, overwrite=getattr(args, "overwrite_output_dir", False))
 
-    from peft import get_peft_model
-    from transformers import set_seed
-
-    from .. import peft_bridge
-    from ..modeling import (
-        check_target_modules,
-        default_modules_to_save,
-        default_target_modules,
-        load_initial_adapter,
-        load_model_and_tokenizer,
-    )
     from .trainer import FederatedTrainer
 
-    client_train, _, evaluation, task, info = prepare_federated_data(config)
-    task_type = info.task_type
-    config = dataclasses.replace(config, model_args=dataclasses.replace(config.model_args, task_type=task_type))
-    set_seed(args.seed)  # the task head is initialised at load time: make it the same on every run
-    model_args = config.model_args
-    model, tokenizer = load_model_and_tokenizer(
-        model_args.model, task_type, num_labels=info.num_labels, label_names=info.label_names
-    )
-    if model_args.init_adapter:
-        model = load_initial_adapter(model, model_args.init_adapter)
-    target_modules = config.lora_args.target_modules or default_target_modules(model)
-    check_target_modules(model, target_modules)
-    modules_to_save = default_modules_to_save(model, task_type)
-    peft_model = get_peft_model(model, _peft_config(config, task_type, target_modules, modules_to_save))
-    client_train = [task.preprocess(d, tokenizer, name=f"client {i}") for i, d in enumerate(client_train)]
-    evaluation = task.preprocess(evaluation, tokenizer, name="eval")
-
+    run = load_run(config)
     trainer = FederatedTrainer(
-        model=peft_model,
+        model=run.model,
         args=args,
-        client_datasets=client_train,
-        eval_dataset=evaluation,
-        task=task,
-        data_collator=task.collator(tokenizer),
-        processing_class=tokenizer,
-        preprocess_logits_for_metrics=task.preprocess_logits_for_metrics,
-        run_config=config.to_dict(),
+        client_datasets=run.client_train,
+        eval_dataset=run.evaluation,
+        **run.trainer_kwargs(),
     )
+    return train_and_export(trainer, run, started)
+
+
+def train_and_export(trainer, run: LoadedRun, started: float | None = None) -> RunResult:
+    """Play every round of ``trainer`` (its folder checked first), then export ``OUTPUT_DIR/final`` and the plot."""
+    from .. import peft_bridge
+
+    started = time.perf_counter() if started is None else started
+    output_dir = Path(trainer.args.output_dir)
     trainer.prepare_output_dir()  # the folder checks (and the resume's), then run_config.json: before any round
     history = trainer.train()
     final_dir = output_dir / "final"
@@ -280,7 +323,7 @@ def run_federated(config: FederatedRunConfig | Mapping[str, Any] | None = None, 
     # under ZeRO-3 the export reads sharded weights: gather them on every process, write on the main one
     with peft_bridge.full_parameters(trainer.model):
         if trainer.is_world_process_zero():
-            report = _export_final(trainer, config, history, final_dir, tokenizer)
+            report = _export_final(trainer, run.config, history, final_dir, run.tokenizer)
     return RunResult(history, output_dir, final_dir, report, time.perf_counter() - started)
 
 
@@ -307,6 +350,7 @@ def _export_final(trainer, config: FederatedRunConfig, history, final_dir: Path,
             "local_steps": args.local_steps,
             "local_epochs": args.local_epochs,
             "final_eval_accuracy": history[-1].get("eval_accuracy"),
+            **trainer.strategy.model_card_facts(len(history)),  # e.g. the privacy guarantee of a DP run
         },
     )
     # A merged backbone accumulates up to rounds x r directions: by default pick the smallest rank that
@@ -335,7 +379,7 @@ def format_round_table(history: list[dict[str, Any]]) -> str:
     lines = [header, "-" * len(header)]
 
     def num(value, fmt):
-        return format(value, fmt) if isinstance(value, (int, float)) else "-"
+        return format(value, fmt) if isinstance(value, (int, float)) else "-".rjust(int(fmt.split(".")[0]))
 
     for row in history:
         seconds = row.get("round_local_wall_seconds", 0) + row.get("aggregation_seconds", 0) + row.get("eval_seconds", 0)

@@ -56,7 +56,7 @@ DATASET_NAMES = ("wordnet_topic", "wordnet_mc", "wordnet_define", "hellaswag", "
 TASK_TYPES = ("seq_cls", "mc_encoder", "mc_causal", "causal_lm", "image_cls")
 PARTITIONS = ("iid", "dirichlet", "pathological", "shard", "natural_id", "linear", "exponential", "size")
 ROUND_LR_SCHEDULES = ("constant", "cosine", "linear")
-PARALLEL_MODES = ("auto", "clients", "data")
+PARALLEL_MODES = ("auto", "clients", "data", "batched")
 INVALID_UPLOAD_POLICIES = ("drop", "raise")
 
 TaskType = Literal["seq_cls", "mc_encoder", "mc_causal", "causal_lm", "image_cls"]
@@ -242,12 +242,20 @@ class FederatedArguments:
     invalid_upload: Literal["drop", "raise"] = field(
         default="drop", metadata={"help": "'drop' an invalid client upload (NaN, wrong shape) or 'raise'."}
     )
-    parallel_mode: Literal["auto", "clients", "data"] = field(
+    client_state_memory_budget_mib: float | None = field(
+        default=None,
+        metadata={"help": "MiB of client states (FedSmoothLoRA's uploads, FedSA-LoRA's own B...) kept in memory; the "
+                          "least recently used beyond it go to OUTPUT_DIR/client_states (docs/performance.md). "
+                          "Unset: all in memory."},
+    )  # fmt: skip
+    parallel_mode: Literal["auto", "clients", "data", "batched"] = field(
         default="auto",
         metadata={
             "help": "'clients': each process trains different clients (no gradient sync); 'data': all processes "
-            "train each client together (data parallel; required by DeepSpeed ZeRO-3); 'auto': data under "
-            "DeepSpeed, clients otherwise."
+            "train each client together (data parallel; required by DeepSpeed ZeRO-3); 'batched': one process "
+            "trains the round's clients together, one forward/backward per step (falls back to 'clients', with a "
+            "log line, where a setting cannot be batched; docs/performance.md); 'auto': data under DeepSpeed, "
+            "clients otherwise."
         },
     )
     method_kwargs: dict[str, Any] | None = field(
@@ -255,9 +263,33 @@ class FederatedArguments:
         metadata={"help": "Python API only: the method's hyperparameters (override a typed PEFT config's). On the "
                   "command line and in YAML they are top-level keys (--zeta 0.5)."},
     )  # fmt: skip
+    dp_clip: float | None = field(
+        default=None,
+        metadata={"help": "Client-level differential privacy: clip each client's update (upload minus the server's "
+                  "tensors, heads included) to this L2 norm; unset: no DP (docs/privacy.md)."},
+    )  # fmt: skip
+    dp_noise_multiplier: float | None = field(
+        default=None,
+        metadata={"help": "DP: Gaussian noise of std dp_noise_multiplier * dp_clip on the sum of the clipped updates "
+                  "(dp_clip / clients_per_round times it on their mean)."},
+    )  # fmt: skip
+    dp_target_epsilon: float | None = field(
+        default=None,
+        metadata={"help": "DP: the epsilon budget of the whole run; alone it calibrates dp_noise_multiplier to it, "
+                  "with dp_noise_multiplier a run that would spend more is refused before it starts."},
+    )  # fmt: skip
+    dp_delta: float | None = field(
+        default=None, metadata={"help": "DP: the delta of the guarantee, < 1/num_clients (default 1/num_clients^1.1)."}
+    )
 
     def __post_init__(self) -> None:
         self.validate_federation()
+
+    def differential_privacy(self):
+        """The run's :class:`~peft_fed.privacy.settings.ClientLevelDPSettings`, or ``None`` without ``dp_clip``."""
+        from ..privacy.settings import settings_from_arguments
+
+        return settings_from_arguments(self.dp_clip, self.dp_noise_multiplier, self.dp_target_epsilon, self.dp_delta)
 
     def validate_federation(self) -> None:
         from ..strategies import canonical_method_name
@@ -282,6 +314,8 @@ class FederatedArguments:
         _check(0.0 <= self.round_lr_min_ratio <= 1.0,
                f"round_lr_min_ratio must be in [0, 1], got {self.round_lr_min_ratio}")
         _check(self.eval_every >= 0 and self.save_every >= 0, "eval_every and save_every must be >= 0")
+        _check(self.client_state_memory_budget_mib is None or self.client_state_memory_budget_mib >= 0,
+               f"client_state_memory_budget_mib must be >= 0, got {self.client_state_memory_budget_mib}")  # fmt: skip
         _check(self.invalid_upload in INVALID_UPLOAD_POLICIES,
                f"invalid_upload must be 'drop' or 'raise', got {self.invalid_upload!r}")
         _check(self.parallel_mode in PARALLEL_MODES,
@@ -290,6 +324,7 @@ class FederatedArguments:
             _check(isinstance(self.method_kwargs, dict), "method_kwargs must be a mapping")
             self.method_kwargs = dict(self.method_kwargs)
             validate_method_hyperparameters(self.method, self.method_kwargs)
+        self.differential_privacy()  # one-line errors for bad dp_* settings
 
 
 # The groups of a flat settings mapping, in the order the command line's help lists them.

@@ -14,6 +14,11 @@ Across processes (``accelerate launch --num_processes P``):
   every process aggregates the same uploads in the same order and the result equals a one-process run;
 * ``parallel_mode="data"`` (DeepSpeed ZeRO-3): all processes train each client together, the client's
   batches sharded across them, as the Trainer normally does.
+
+In one process, ``parallel_mode="batched"`` trains the round's clients together, one forward/backward through
+the shared backbone per step with per-client factors (``runtime/batched.py``; what it supports and refuses is in
+``docs/performance.md``); it falls back to one client after another, with a log line, where it cannot apply.
+A Flower deployment's server passes its own executor instead (``client_executor``, ``peft_fed/flower/``).
 """
 
 from __future__ import annotations
@@ -39,7 +44,7 @@ from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from transformers.trainer_utils import IntervalStrategy, set_seed
 
 from .. import peft_bridge
-from ..engine import ClientRecord, ClientTask, RoundEngine, RoundHooks, client_seed
+from ..engine import ClientExecutor, ClientRecord, ClientTask, RoundEngine, RoundHooks, client_seed
 from ..linalg import LowRank
 from ..state import ClientState, ServerState
 from ..strategies import Strategy, build_strategy, canonical_method_name
@@ -82,6 +87,8 @@ _RESULT_TRAINING_FIELDS = (
     "lr_scheduler_kwargs", "warmup_ratio", "warmup_steps", "per_device_train_batch_size",
     "gradient_accumulation_steps", "bf16", "fp16", "tf32", "label_smoothing_factor", "dataloader_drop_last",
     "group_by_length", "neftune_noise_alpha", "torch_compile",
+    # client-level differential privacy: another guarantee is another run
+    "dp_clip", "dp_noise_multiplier", "dp_target_epsilon", "dp_delta",
 )  # fmt: skip
 # settings of a whole run (pipeline.FederatedRunConfig.to_dict()) that change the result: model, data, partition, LoRA
 _RESULT_RUN_SETTINGS = (
@@ -111,6 +118,12 @@ class FederatedTrainer(Trainer):
         task: optional task object with ``compute_loss(model, inputs) -> (loss, logits)`` for tasks whose
             model forward does not compute the task loss (multiple choice by log-likelihood).
         strategy: a built :class:`~peft_fed.Strategy`, or ``None`` to build ``args.method``.
+        client_executor: who trains the clients (an :class:`~peft_fed.engine.ClientExecutor`): ``None`` for this
+            trainer itself (the simulation); a Flower deployment's server passes its
+            :class:`~peft_fed.flower.FlowerClientExecutor`, and then ``client_datasets`` may be ``None``.
+        num_clients: the number of clients when ``client_datasets`` is ``None``.
+        client_data_digests: what identifies each client's data in the run's fingerprint when this process does not
+            hold it (the digests the deployed clients reported).
         run_config: optional flat settings of the whole run (``FederatedRunConfig.to_dict()``: model, data,
             partition, LoRA...): written to ``OUTPUT_DIR/run_config.json`` once the output folder is checked, and
             their result-changing ones join the run's fingerprint.
@@ -135,26 +148,34 @@ class FederatedTrainer(Trainer):
         self,
         model: torch.nn.Module,
         args: FederatedTrainingArguments,
-        client_datasets: Sequence[Any],
+        client_datasets: Sequence[Any] | None,
         eval_dataset: Any = None,
         task: Any = None,
         strategy: Strategy | None = None,
         run_config: Mapping[str, Any] | None = None,
+        *,
+        client_executor: ClientExecutor | None = None,
+        num_clients: int | None = None,
+        client_data_digests: Sequence[str] | None = None,
         **trainer_kwargs: Any,
     ) -> None:
         if not isinstance(args, FederatedTrainingArguments):
             raise TypeError("FederatedTrainer needs FederatedTrainingArguments")
-        if not client_datasets:
+        if client_datasets is None:
+            if client_executor is None or num_clients is None or num_clients < 1:
+                raise ValueError("without client_datasets, give the client_executor that trains them and num_clients")
+        elif not client_datasets:
             raise ValueError("FederatedTrainer needs at least one client dataset")
-        empty = [i for i, d in enumerate(client_datasets) if len(d) == 0]
+        empty = [i for i, d in enumerate(client_datasets or ()) if len(d) == 0]
         if empty:
             raise ValueError(
                 f"client(s) {empty[:10]} have no training samples; re-partition (e.g. a larger Dirichlet alpha "
                 "or min_partition_size) or drop those clients"
             )
         self.specs = peft_bridge.layer_specs(model)
-        self.client_datasets = list(client_datasets)
-        self.num_clients = len(self.client_datasets)
+        self.client_datasets = list(client_datasets or ())
+        self.num_clients = num_clients if client_datasets is None else len(self.client_datasets)
+        self.client_data_digests = list(client_data_digests) if client_data_digests is not None else None
         self.clients_per_round = self._resolve_clients_per_round(args)
         self.task = task
         if task is not None and trainer_kwargs.get("compute_metrics") is None and hasattr(task, "compute_metrics"):
@@ -175,7 +196,13 @@ class FederatedTrainer(Trainer):
         self._current_start = None
         self._step_losses: list[float] = []
         self._in_rounds = False
-        super().__init__(model=model, args=args, train_dataset=self.client_datasets[0], eval_dataset=eval_dataset, **trainer_kwargs)
+        first_dataset = self.client_datasets[0] if self.client_datasets else None
+        super().__init__(model=model, args=args, train_dataset=first_dataset, eval_dataset=eval_dataset, **trainer_kwargs)
+        # A PEFT model's forward takes **kwargs, so the Trainer would assume the loss is already normalised over all
+        # micro-batches (num_items_in_batch) and skip its 1/gradient_accumulation_steps; the models', the tasks' and
+        # Subspace-Reg's losses are per-micro-batch means: without this, accumulation over k micro-batches sums
+        # them, a k-times larger gradient (tests/strategies/test_official_subspace_reg.py)
+        self.model_accepts_loss_kwargs = False
         self._take_over_per_step_settings()
         # We draw our own bars over rounds and clients (both follow disable_tqdm); the Trainer's per-client bar
         # and printed logs would repeat for every client of every round.
@@ -190,11 +217,15 @@ class FederatedTrainer(Trainer):
             )
         self.engine = RoundEngine(
             self.strategy,
-            self,
+            client_executor or self,
             num_clients=self.num_clients,
             clients_per_round=self.clients_per_round,
             seed=args.seed,
             invalid_upload=args.invalid_upload,
+            client_state_memory_budget=(
+                None if args.client_state_memory_budget_mib is None else int(args.client_state_memory_budget_mib * 2**20)
+            ),
+            client_state_dir=Path(args.output_dir) / "client_states" if args.client_state_memory_budget_mib is not None else None,
         )
         self.engine.initialize(
             extras=peft_bridge.get_extras(model, self.extra_names), base_weights=self.original_weights
@@ -215,7 +246,7 @@ class FederatedTrainer(Trainer):
         return self.engine.server_state
 
     @property
-    def client_states(self) -> dict[str, ClientState]:
+    def client_states(self) -> Mapping[str, ClientState]:
         return self.engine.client_states
 
     @property
@@ -242,7 +273,7 @@ class FederatedTrainer(Trainer):
 
     def _build_strategy(self, model: torch.nn.Module, args: FederatedTrainingArguments) -> Strategy:
         """``args.method`` with the hyperparameters of the model's typed PEFT config, overridden by
-        ``args.method_kwargs``."""
+        ``args.method_kwargs``; wrapped in client-level DP when ``args.dp_clip`` is set."""
         name = canonical_method_name(args.method)
         peft_config = getattr(model, "peft_config", {}).get("default")
         config_method = getattr(peft_config, "federated_method", None)
@@ -251,7 +282,7 @@ class FederatedTrainer(Trainer):
                 f"the model's PEFT config is for {config_method!r} but args.method is {name!r}; "
                 "use a plain LoraConfig for other methods or set method to match"
             )
-        return build_strategy(
+        strategy = build_strategy(
             name,
             self.specs,
             hyperparameter_source=peft_config if config_method == name else None,
@@ -260,6 +291,15 @@ class FederatedTrainer(Trainer):
             invalid_upload=args.invalid_upload,
             num_rounds=args.num_rounds,
         )
+        privacy = args.differential_privacy()
+        if privacy is None:
+            return strategy
+        from ..privacy import ClientLevelDPStrategy
+
+        return ClientLevelDPStrategy(
+            strategy, privacy, num_clients=self.num_clients, clients_per_round=self.clients_per_round,
+            num_rounds=args.num_rounds,
+        )  # fmt: skip
 
     def _take_over_per_step_settings(self) -> None:
         """Saving, logging and evaluation happen per round (the engine), not per step inside a client's
@@ -276,6 +316,16 @@ class FederatedTrainer(Trainer):
 
     def _resolve_parallel_mode(self) -> str:
         mode = self.args.parallel_mode
+        self._batched_executor = None
+        if mode == "batched":
+            from .batched import BatchedClientExecutor, batched_refusal
+
+            reason = batched_refusal(self)
+            if reason is None:
+                self._batched_executor = BatchedClientExecutor(self)
+                return mode
+            logger.warning("parallel_mode='batched' falls back to training the clients one after another: %s", reason)
+            mode = "auto"
         if mode == "auto":
             mode = "data" if self.is_deepspeed_enabled else "clients"
         if mode == "clients" and self.is_deepspeed_enabled and self.accelerator.num_processes > 1:
@@ -398,6 +448,8 @@ class FederatedTrainer(Trainer):
         batch_size = self._train_batch_size
         if self.parallel_mode == "data":
             batch_size *= self.accelerator.num_processes
+        # the method says whether a client with fewer batches repeats its data or uses what it has once
+        repeat_small_client = self.strategy.repeats_small_client_data()
 
         def batches():
             generator = torch.Generator().manual_seed(seed)
@@ -409,11 +461,13 @@ class FederatedTrainer(Trainer):
                 collate_fn=self.data_collator,
             )
             out = []
-            while len(out) < self.gradient_batches:  # cycle a client smaller than N_ga batches
+            while len(out) < self.gradient_batches:  # a pass per loop: more than one only when cycling
                 for batch in loader:
                     out.append(self._prepare_inputs(batch))
                     if len(out) == self.gradient_batches:
                         break
+                if not repeat_small_client:
+                    break
             return out
 
         return batches
@@ -427,7 +481,10 @@ class FederatedTrainer(Trainer):
 
     def train_clients(self, round_index: int, tasks: Sequence[ClientTask]) -> list[ClientRecord]:
         """Train this process's share of the round's clients with the Trainer's loop, one after another; in
-        client-parallel mode the records of every process are gathered, so every process sees them all."""
+        client-parallel mode the records of every process are gathered, so every process sees them all; in batched
+        mode all of them together (``runtime/batched.py``)."""
+        if self._batched_executor is not None:
+            return self._batched_executor.train_clients(round_index, tasks)
         rank, world = self.accelerator.process_index, self.accelerator.num_processes
         mine = tasks[rank::world] if self._client_parallel else tasks
         progress = tqdm(
@@ -444,8 +501,12 @@ class FederatedTrainer(Trainer):
     def apply_backbone_update(self, update: Mapping[str, LowRank]) -> None:
         peft_bridge.add_to_base_weights(self.model, update)
 
+    def client_dataset(self, client_id: str) -> Any:
+        """The training data of client ``client_id`` (a deployed node's trainer holds only its own)."""
+        return self.client_datasets[int(client_id)]
+
     def _train_one_client(self, round_index: int, task: ClientTask) -> ClientRecord:
-        dataset = self.client_datasets[int(task.client_id)]
+        dataset = self.client_dataset(task.client_id)
         seed = client_seed(self.args.seed, round_index, task.client_id)
         set_seed(seed)
         self._step_losses = []
@@ -586,11 +647,18 @@ class FederatedTrainer(Trainer):
             adapted_layers=_describe_layers(self.specs),
             trainable_heads=sorted(self.extra_names),
             initial_weights=self._initial_digest,
-            client_data=[digest_dataset(d) for d in self.client_datasets],
+            # a deployment's clients hold their data: the server records what they reported but cannot vouch for it
+            client_data=(
+                [digest_dataset(d) for d in self.client_datasets]
+                if self.client_data_digests is None
+                else "held by the deployed clients"
+            ),
             eval_data=digest_dataset(self.eval_dataset) if self.eval_dataset is not None else None,
         )
         settings: dict[str, Any] = {name: getattr(args, name) for name in _FREE_SETTINGS if hasattr(args, name)}
         settings["num_processes"] = self.accelerator.num_processes
+        if self.client_data_digests is not None:
+            settings["client_data"] = self.client_data_digests
         if self._length_dependence() is not None:
             fingerprint["num_rounds"] = settings.pop("num_rounds")
         if self.run_config is not None:

@@ -23,7 +23,7 @@ import numbers
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 
@@ -77,6 +77,8 @@ class AggregationResult:
             methods without one: the diagnostic then uses the aggregated update's left singular vectors).
         accepted: client ids whose uploads were aggregated, in order; ``weights`` their ``p_c``.
         dropped: ``(client id, reason)`` for every rejected upload.
+        metrics: scalars the aggregation adds to the round's metrics row (e.g. the ``dp_*`` facts of a
+            differentially private aggregation); empty for the plain methods.
     """
 
     state: ServerState
@@ -85,6 +87,7 @@ class AggregationResult:
     accepted: list[str]
     weights: list[float]
     dropped: list[tuple[str, str]] = field(default_factory=list)
+    metrics: dict[str, Any] = field(default_factory=dict)
 
 
 def _client_key(client_id: object) -> str | None:
@@ -221,6 +224,16 @@ class Strategy(ABC):
     def gradient_batches(self) -> int:
         """How many of a client's batches the runtime averages for ``gradient_fn`` (0 without one)."""
         return 0
+
+    def repeats_small_client_data(self) -> bool:
+        """For a method with a gradient estimate: whether a runtime cycles a client with fewer than
+        ``gradient_batches()`` batches up to that count (``True``) or averages the batches it has (``False``)."""
+        return True
+
+    def model_card_facts(self, rounds: int) -> dict[str, Any]:
+        """What the exported adapter's model card must state about this method after ``rounds`` rounds (a
+        privacy guarantee); nothing for a plain method."""
+        return {}
 
     def follows_run_length(self) -> str | None:
         """What of this method follows the run's length ``num_rounds`` (a schedule over rounds), as a short

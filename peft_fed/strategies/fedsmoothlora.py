@@ -19,6 +19,13 @@ Design choice (``exact_round_matching``): the paper's start ``W - s W_ga + s SVD
 ``W + s W_rm`` by the truncation residual. With ``exact_round_matching=True`` that residual is kept in
 the client's local (never uploaded) backbone offset, ``offset = s (W_rm - B A)``, so the client starts
 exactly at ``W + s W_rm``. The upload formula above covers both choices.
+
+Two settings offer the authors' code's choices where they differ from peft-fed's default or from each other
+(``docs/methods.md``): ``svd_factor_split`` (how each rank-r SVD is split into ``B`` and ``A``:
+``U sqrt(S)``/``sqrt(S) V^T`` in the image-classification code, ``U S``/``V^T`` in the generation code; the
+same product, but a returning client starts local training from different factors) and
+``small_client_gradient_batches`` (a client with fewer than ``N_ga`` batches: its data cycled up to ``N_ga``
+batches, peft-fed's default, or only the batches it has, as both official code bases do).
 """
 
 from __future__ import annotations
@@ -36,6 +43,8 @@ from .base import GradientFn, Strategy
 from .hyperparameters import SvdHyperparameters, check_bool, check_choice, check_int, check_real
 
 ZETA_SCHEDULES = ("constant", "cosine")
+SVD_FACTOR_SPLITS = ("balanced", "singular_values_in_B")
+SMALL_CLIENT_GRADIENT_BATCHES = ("cycle", "available")
 
 
 @dataclass
@@ -73,6 +82,15 @@ class FedSmoothLoRAHyperparameters(SvdHyperparameters):
             which equals `W + s*W_rm` only up to the rank-r truncation. `True`: the truncation residual
             `(W_ga + W_rm) - SVD_r(W_ga + W_rm)` is also added (times `s`) to the frozen local backbone offset, so
             the client starts at exactly `W + s*W_rm`; the offset stays local and is never uploaded.
+        svd_factor_split (`Literal["balanced", "singular_values_in_B"]`):
+            How every rank-r SVD `U S V^T` the method takes (a returning client's start, its upload, the
+            server's update) is split into factors: `balanced` `B = U sqrt(S)`, `A = sqrt(S) V^T` (the official
+            image-classification code); `singular_values_in_B` `B = U S`, `A = V^T` (the official generation
+            code). The products are equal; a returning client's local training starts from different factors.
+        small_client_gradient_batches (`Literal["cycle", "available"]`):
+            A client with fewer than `num_gradient_batches` batches: `cycle` repeats its (reshuffled) data up to
+            `num_gradient_batches` batches; `available` averages only the batches it has, once each (both
+            official code bases).
     """
 
     zeta: float = field(
@@ -144,6 +162,28 @@ class FedSmoothLoRAHyperparameters(SvdHyperparameters):
         },
     )
 
+    svd_factor_split: Literal["balanced", "singular_values_in_B"] = field(
+        default="balanced",
+        metadata={
+            "help": (
+                "Split of every rank-r SVD U S V^T (a returning client's start, its upload, the server update): "
+                "'balanced' B = U sqrt(S), A = sqrt(S) V^T (the official image-classification code) or "
+                "'singular_values_in_B' B = U S, A = V^T (the official generation code). Same product, different "
+                "starting factors for local training."
+            )
+        },
+    )
+    small_client_gradient_batches: Literal["cycle", "available"] = field(
+        default="cycle",
+        metadata={
+            "help": (
+                "A client with fewer than num_gradient_batches batches: 'cycle' repeats its reshuffled data up to "
+                "num_gradient_batches batches; 'available' averages only the batches it has, once each (the "
+                "official code)."
+            )
+        },
+    )
+
     def validate_hyperparameters(self) -> None:
         super().validate_hyperparameters()
         self.zeta = check_real("zeta", self.zeta, minimum=0.0, maximum=1.0)
@@ -160,6 +200,10 @@ class FedSmoothLoRAHyperparameters(SvdHyperparameters):
             check_int("svd_oversampling", self.svd_oversampling, minimum=2)
         self.svd_power_iterations = check_int("svd_power_iterations", self.svd_power_iterations, minimum=0)
         self.exact_round_matching = check_bool("exact_round_matching", self.exact_round_matching)
+        self.svd_factor_split = check_choice("svd_factor_split", self.svd_factor_split, SVD_FACTOR_SPLITS)
+        self.small_client_gradient_batches = check_choice(
+            "small_client_gradient_batches", self.small_client_gradient_batches, SMALL_CLIENT_GRADIENT_BATCHES
+        )
 
     def zeta_at(self, round_index: int, num_rounds: int | None) -> float:
         """``zeta_t`` for round ``round_index`` (0-based) of ``num_rounds``: constant, or
@@ -210,6 +254,22 @@ class FedSmoothLoRA(Strategy):
     def gradient_batches(self) -> int:
         return self.hyperparameters.num_gradient_batches
 
+    def repeats_small_client_data(self) -> bool:
+        """Whether a runtime cycles a client with fewer than ``gradient_batches()`` batches up to that count
+        (``True``) or averages only the batches the client has (``False``)."""
+        return self.hyperparameters.small_client_gradient_batches == "cycle"
+
+    def rank_r_factors(self, matrix: torch.Tensor | LowRank, rank: int) -> LowRank:
+        """Factors of ``SVD_r(matrix)`` split as ``svd_factor_split`` says (zero-padded to ``rank``)."""
+        if self.hyperparameters.svd_factor_split == "balanced":
+            return best_rank_r(matrix, rank, method=self.hyperparameters.svd_method)
+        U, S, V = truncated_svd(matrix, rank, method=self.hyperparameters.svd_method)
+        missing = rank - S.shape[0]
+        return LowRank(
+            torch.cat([U * S, U.new_zeros(U.shape[0], missing)], dim=1).contiguous(),
+            torch.cat([V.mT, V.new_zeros(missing, V.shape[0])], dim=0).contiguous(),
+        )
+
     def zeta_at(self, round_index: int) -> float:
         return self.hyperparameters.zeta_at(round_index, self.num_rounds)
 
@@ -235,7 +295,7 @@ class FedSmoothLoRA(Strategy):
         global_B: dict[str, torch.Tensor] = {}
         for name, spec in self.specs.items():
             delta = self._weighted_product_sum(uploads, weights, name)  # full-rank aggregation, exact
-            server = best_rank_r(delta, spec.rank)
+            server = self.rank_r_factors(delta, spec.rank)
             update[name] = LowRank(spec.scale * server.B, server.A)
             global_B[name] = server.B
         return {}, update, global_B
@@ -297,7 +357,7 @@ class FedSmoothLoRA(Strategy):
             if first:
                 factors[name] = aligned[name]
             else:
-                factors[name] = best_rank_r(W_ga + round_matching[name], spec.rank, method=self.hyperparameters.svd_method)
+                factors[name] = self.rank_r_factors(W_ga + round_matching[name], spec.rank)
             if self.hyperparameters.exact_round_matching:
                 offsets[name] = spec.scale * (round_matching[name] - factors[name].dense())
             else:
@@ -319,7 +379,7 @@ class FedSmoothLoRA(Strategy):
         kept: LayerTensors = {}
         for name, spec in self.specs.items():
             local_change = trained[name].dense().detach() + start.backbone_offsets[name] / spec.scale
-            U_c = best_rank_r(local_change, spec.rank, method=self.hyperparameters.svd_method)
+            U_c = self.rank_r_factors(local_change, spec.rank)
             uploads[name] = {"B": U_c.B, "A": U_c.A}
             kept[name] = {"U_B": U_c.B.clone(), "U_A": U_c.A.clone()}
         return uploads, kept

@@ -13,7 +13,9 @@ truncation is restored: ``c = ||Delta||_F / ||s B_g A_g||_F``.
 Design choice (``restore_norm_into``): SPEC multiplies both factors by ``sqrt(c)``, which scales the
 columns of ``B_g`` and so breaks the orthonormality the method is named for. The default ``"A"`` puts
 the whole ``c`` into ``A_g``: the product is identical and ``B_g`` stays orthonormal. ``"both"`` is SPEC's
-literal form.
+literal form and the published code's (``factorize_effective_delta`` in its ``src/lora_utils.py``); the two
+start the next round from different factors, and ``beta``'s anchor ``B_g`` differs, so local training differs.
+The presets that reproduce the paper use ``"both"``.
 """
 
 from __future__ import annotations
@@ -90,7 +92,8 @@ class SubspaceRegHyperparameters(NoHyperparameters):
             "help": (
                 "Where the server puts the norm-restoring factor c = ||Delta||_F / ||s*B_g A_g||_F: 'A' multiplies "
                 "A_g by c and keeps B_g orthonormal; 'both' multiplies B_g and A_g by sqrt(c) (the SPEC's literal "
-                "rule, which breaks B_g's orthonormality). The product B_g A_g is the same either way."
+                "rule and the published code's, which breaks B_g's orthonormality). The product B_g A_g is the "
+                "same either way; the start factors and the beta anchor differ."
             )
         },
     )

@@ -22,7 +22,9 @@ from peft.utils import INCLUDE_LINEAR_LAYERS_SHORTHAND, TRANSFORMERS_MODELS_TO_L
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from ..peft_bridge import SUPPORTED_BASE_LAYERS, unsupported_layers_error
+# the module, not its names: importing peft_bridge imports PEFT, whose import hook registers these tuners while
+# peft_bridge is still half-initialised
+from .. import peft_bridge
 
 try:
     from peft.utils.other import get_pattern_key
@@ -70,7 +72,7 @@ def _matrix_shape(layer: nn.Module) -> tuple[int, int] | None:
     follows the layer type, not the flag. Reading ``nf``/``nx`` and ``in/out_features`` instead of
     ``weight.shape`` also keeps quantized layers (packed weights) right.
     """
-    if not isinstance(layer, SUPPORTED_BASE_LAYERS):
+    if not isinstance(layer, peft_bridge.SUPPORTED_BASE_LAYERS):
         return None
     if isinstance(layer, Conv1D):
         return layer.nf, layer.nx
@@ -188,7 +190,7 @@ def check_ranks_fit(
     """
     layers, unsupported = find_adapted_layers(config, model)
     if unsupported:
-        raise unsupported_layers_error(unsupported, method)
+        raise peft_bridge.unsupported_layers_error(unsupported, method)
 
     k = rank_multiplier
     bound = "r" if k == 1 else f"{k}r"

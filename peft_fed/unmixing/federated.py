@@ -116,15 +116,17 @@ class FederatedUnmixingConfig:
         show_progress: a tqdm bar over rounds.
     """
 
-    method: str = "fedsmoothlora"
-    rank: int = 4
-    alpha: float = 8.0
+    method: str = field(default="fedsmoothlora", metadata={"help": "Any registered federated method."})
+    rank: int = field(default=4, metadata={"help": "LoRA rank r of the adapted layers (rank_pattern overrides it)."})
+    alpha: float = field(default=8.0, metadata={"help": "LoRA alpha; the adapter's scale is alpha / r."})
     target_modules: tuple[str, ...] = DEFAULT_TARGET_MODULES
     rank_pattern: dict[str, int] | None = field(default_factory=lambda: dict(DEFAULT_RANK_PATTERN))
-    num_rounds: int = 20
-    local_steps: int = 25
-    clients_per_round: int | None = None
-    learning_rate: float = 1e-3
+    num_rounds: int = field(default=20, metadata={"help": "Federated rounds."})
+    local_steps: int = field(default=25, metadata={"help": "Optimisation steps of each client in each round."})
+    clients_per_round: int | None = field(
+        default=None, metadata={"help": "Clients sampled per round (seeded, without replacement); none: all."}
+    )
+    learning_rate: float = field(default=1e-3, metadata={"help": "Adam learning rate of the adapters."})
     method_kwargs: dict[str, Any] = field(default_factory=dict)
     seed: int = 0
     show_progress: bool = True
@@ -352,7 +354,10 @@ def _blind_loss_fn(
     def loss_fn(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
         outputs = model(batch["windows"], detach_un_input=config.detach_un_input, detach_mn_input=False)
         scale = float(model.data_scale)
-        return gauss_losses(outputs, batch["centres"], None, config, blind=True, data_scale=scale)["total"]
+        losses = gauss_losses(
+            outputs, batch["centres"], None, config, blind=True, data_scale=scale, mixing=model.mixing
+        )
+        return losses["total"]
 
     return loss_fn
 

@@ -17,11 +17,21 @@ from .config import GaussConfig, GaussTrainingConfig
 from .data import HyperspectralScene
 from .metrics import evaluate_unmixing
 from .plotting import plot_abundance_maps, plot_endmembers
+from .spatial_autoencoder import SpatialAutoencoderConfig, fit_spatial_autoencoder
 from .train import GAUSS_VARIANTS, fit_gauss
 
 __all__ = ["METHODS", "UnmixingResult", "run_method", "save_result"]
 
-METHODS = ("gauss", "gauss_blind", "gauss_prime", "vca_fclsu", "nfindr_fclsu", "kmeans", "autoencoder")
+METHODS = (
+    "gauss",
+    "gauss_blind",
+    "gauss_prime",
+    "vca_fclsu",
+    "nfindr_fclsu",
+    "kmeans",
+    "autoencoder",
+    "misicnet",
+)
 
 
 @dataclass
@@ -36,6 +46,8 @@ class UnmixingResult:
         wall_time_s: seconds from start to finish of the method.
         settings: every setting that defines the run (configs as dicts).
         timings: optional per-phase seconds.
+        stage1: for ``gauss_blind``, the ``gauss`` result of the same run (its stage 1, identical to a
+            separate ``gauss`` run with the same seed and settings), so one fit scores both; else ``None``.
     """
 
     method: str
@@ -45,6 +57,7 @@ class UnmixingResult:
     wall_time_s: float
     settings: dict = field(default_factory=dict)
     timings: dict = field(default_factory=dict)
+    stage1: UnmixingResult | None = None
 
 
 def run_method(
@@ -56,10 +69,11 @@ def run_method(
     gauss_training: GaussTrainingConfig | None = None,
     autoencoder_config: AutoencoderConfig | None = None,
     kmeans_abundances: str = "one_hot",
+    spatial_autoencoder_config: SpatialAutoencoderConfig | None = None,
 ) -> UnmixingResult:
     """Unmix a ``(rows, cols, bands)`` cube with the named method.
 
-    ``gauss_training.seed`` and ``autoencoder_config.seed`` are overridden by ``seed`` so that one number
+    ``gauss_training.seed``, ``autoencoder_config.seed`` and ``spatial_autoencoder_config.seed`` are overridden by ``seed`` so that one number
     fixes the whole run.
     """
     if method not in METHODS:
@@ -76,6 +90,7 @@ def run_method(
     pixels = cube.reshape(-1, bands)
     settings: dict = {"method": method, "seed": seed, "num_endmembers": num_endmembers}
     timings: dict = {}
+    stage1 = None
     start = time.perf_counter()
     if method in GAUSS_VARIANTS:
         gauss_config = gauss_config or GaussConfig(num_bands=bands, num_endmembers=num_endmembers)
@@ -86,6 +101,19 @@ def run_method(
         settings["gauss_config"] = gauss_config.to_dict()
         settings["gauss_training"] = gauss_training.to_dict()
         timings.update(fitted.timings)
+        if fitted.stage1 is not None:
+            stage1_timings = {
+                key: fitted.timings[key] for key in ("pseudo_ground_truth_s", "stage1_s", "stage1_read_out_s")
+            }
+            stage1 = UnmixingResult(
+                method="gauss",
+                endmembers=fitted.stage1["endmembers"],
+                abundances=fitted.stage1["abundances"],
+                reconstruction=fitted.stage1["reconstruction"],
+                wall_time_s=sum(stage1_timings.values()),
+                settings={**settings, "method": "gauss", "read_from": "the gauss_blind run's stage 1"},
+                timings=stage1_timings,
+            )
     elif method == "autoencoder":
         autoencoder_config = autoencoder_config or AutoencoderConfig()
         autoencoder_config = AutoencoderConfig(**{**autoencoder_config.to_dict(), "seed": seed})
@@ -93,6 +121,11 @@ def run_method(
         abundances = flat.reshape(rows, cols, num_endmembers)
         reconstruction = flat_reconstruction.reshape(rows, cols, bands)
         settings["autoencoder_config"] = autoencoder_config.to_dict()
+    elif method == "misicnet":
+        spatial_config = spatial_autoencoder_config or SpatialAutoencoderConfig()
+        spatial_config = SpatialAutoencoderConfig(**{**spatial_config.to_dict(), "seed": seed})
+        endmembers, abundances, reconstruction = fit_spatial_autoencoder(cube, num_endmembers, spatial_config)
+        settings["spatial_autoencoder_config"] = spatial_config.to_dict()
     else:
         if method == "vca_fclsu":
             endmembers, flat = vca_fclsu(pixels, num_endmembers, seed=seed)
@@ -114,6 +147,7 @@ def run_method(
         wall_time_s=wall,
         settings=settings,
         timings=timings,
+        stage1=stage1,
     )
 
 

@@ -7,7 +7,9 @@ each client calls it on its own pixels, with its own pseudo ground truth, for it
 
 from __future__ import annotations
 
+import copy
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -28,6 +30,7 @@ __all__ = [
     "predict",
     "pseudo_ground_truth",
     "train_stage",
+    "train_with_early_stopping",
 ]
 
 GAUSS_VARIANTS = ("gauss", "gauss_blind", "gauss_prime")
@@ -72,6 +75,7 @@ def gauss_losses(
     config: GaussTrainingConfig,
     blind: bool,
     data_scale: float = 1.0,
+    mixing: nn.Module | None = None,
 ) -> dict[str, torch.Tensor]:
     """The weighted GAUSS losses of one batch and their sum (``"total"``).
 
@@ -79,6 +83,9 @@ def gauss_losses(
     - pseudo: UN abundances vs the pseudo ground truth (soft-target cross-entropy or MSE);
     - reconstruction: ``MN(abundances)`` vs the (detached) AN output, MSE, relative MSE or spectral angle;
     - mixing_nonlinear: ``mean(correction^2)`` of the MN's non-linear part, when weighted.
+
+    - volume (blind stage, when ``blind_volume_weight > 0`` and the MN is given as ``mixing``):
+      ``mean((MN(e_k) - batch mean spectrum)^2)``, the minimum-volume pull of the endmembers toward the data.
 
     Stage 1 uses ``pseudo_weight``; the blind stage uses ``blind_pseudo_weight`` instead.
     """
@@ -113,6 +120,13 @@ def gauss_losses(
         total = total + config.mn_nonlinear_weight * losses["mixing_nonlinear"]
     if "pseudo" in losses:
         total = total + pseudo_weight * losses["pseudo"]
+    if blind and config.blind_volume_weight > 0 and mixing is not None:
+        num_endmembers = outputs["abundances"].shape[-1]
+        identity = torch.eye(num_endmembers, dtype=reconstruction.dtype, device=reconstruction.device)
+        endmembers = mixing(identity)
+        data_mean = torch.mean(centres / data_scale, dim=0)
+        losses["volume"] = torch.mean((endmembers - data_mean) ** 2)
+        total = total + config.blind_volume_weight * losses["volume"]
     losses["total"] = total
     return losses
 
@@ -187,6 +201,8 @@ def train_stage(
     if generator is None:
         generator = torch.Generator(device="cpu").manual_seed(config.seed + (1 if blind else 0))
     scale = _data_scale(model)
+    # A PEFT wrapper forwards attribute access to the GaussModel, so its (adapted) MN is reached the same way.
+    mixing = model.mixing
     batch_size = min(config.batch_size, pixel_indices.shape[0])
     history: list[dict[str, float]] = []
     model.train()
@@ -201,7 +217,9 @@ def train_stage(
                 window_batch, centre_batch, target_batch, config.mixup_fraction, generator
             )
         outputs = model(window_batch, detach_un_input=config.detach_un_input, detach_mn_input=not blind)
-        losses = gauss_losses(outputs, centre_batch, target_batch, config, blind=blind, data_scale=scale)
+        losses = gauss_losses(
+            outputs, centre_batch, target_batch, config, blind=blind, data_scale=scale, mixing=mixing
+        )
         optimizer.zero_grad(set_to_none=True)
         losses["total"].backward()
         optimizer.step()
@@ -266,8 +284,12 @@ class GaussResult:
         reconstruction: ``(rows, cols, bands)``, ``MN(abundances)``.
         approximation: ``(rows, cols, bands)``, the AN's output.
         pseudo_targets: ``(rows * cols, p)`` pseudo ground truth used in stage 1.
-        history: per-stage lists of per-step losses.
+        history: per-stage lists of per-step losses; with early stopping also ``"blind_checks"``, the
+            held-out reconstruction error at every check (``step``, ``error``, ``kept``).
         timings: seconds spent per phase.
+        stage1: for ``gauss_blind``, the same model's ``endmembers``, ``abundances`` and ``reconstruction``
+            after stage 1, which is exactly what ``gauss`` returns with the same data and settings (the two
+            share the pseudo ground truth and stage 1); ``None`` otherwise.
     """
 
     model: nn.Module
@@ -278,6 +300,7 @@ class GaussResult:
     pseudo_targets: np.ndarray
     history: dict[str, list[dict[str, float]]] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
+    stage1: dict[str, np.ndarray] | None = None
 
 
 def fit_gauss(
@@ -341,29 +364,124 @@ def fit_gauss(
         description=f"{variant} stage 1",
     )
     timings["stage1_s"] = time.perf_counter() - start
+    stage1 = None
+    if variant == "gauss_blind":
+        start = time.perf_counter()
+        stage1 = _read_out(model, windows, rows, cols)
+        timings["stage1_read_out_s"] = time.perf_counter() - start
     if variant == "gauss_blind" and training_config.blind_steps > 0:
         start = time.perf_counter()
-        history["blind"] = train_stage(
-            model,
-            windows,
-            training_config.blind_steps,
-            training_config,
-            pseudo_targets=targets if training_config.blind_pseudo_weight > 0 else None,
-            blind=True,
-            description=f"{variant} blind stage",
-        )
+        if training_config.blind_holdout_fraction > 0:
+            history["blind"], history["blind_checks"] = _blind_stage_stopped_early(
+                model, windows, pixels, targets, training_config, description=f"{variant} blind stage"
+            )
+        else:
+            history["blind"] = train_stage(
+                model,
+                windows,
+                training_config.blind_steps,
+                training_config,
+                pseudo_targets=targets if training_config.blind_pseudo_weight > 0 else None,
+                blind=True,
+                description=f"{variant} blind stage",
+            )
         timings["blind_s"] = time.perf_counter() - start
 
-    outputs = predict(model, windows)
-    with torch.no_grad():
-        endmembers = model.endmembers().double().cpu().numpy()
+    final = _read_out(model, windows, rows, cols)
     return GaussResult(
         model=model,
-        endmembers=endmembers,
-        abundances=outputs["abundances"].reshape(rows, cols, num_endmembers),
-        reconstruction=outputs["reconstruction"].reshape(rows, cols, bands),
-        approximation=outputs["approximation"].reshape(rows, cols, bands),
+        endmembers=final["endmembers"],
+        abundances=final["abundances"],
+        reconstruction=final["reconstruction"],
+        approximation=final["approximation"],
         pseudo_targets=targets,
         history=history,
         timings=timings,
+        stage1=stage1,
     )
+
+
+def train_with_early_stopping(
+    model: nn.Module,
+    train_chunk: Callable[[int], list[dict[str, float]]],
+    validation_error: Callable[[], float],
+    steps: int,
+    check_every: int,
+) -> tuple[list[dict[str, float]], list[dict[str, float]]]:
+    """Train ``steps`` steps in chunks of ``check_every``, measuring ``validation_error`` before the first and
+    after every chunk, and leave ``model`` with the parameters of the lowest error (the starting point
+    included, so a stage that only hurts is undone).
+
+    Returns the per-step history of ``train_chunk`` and the checks (``step``, ``error``, ``kept``).
+    """
+    if check_every < 1:
+        raise ValueError(f"check_every must be >= 1, got {check_every}")
+    best_error = float(validation_error())
+    best_state = copy.deepcopy(model.state_dict())
+    checks = [{"step": 0.0, "error": best_error}]
+    history: list[dict[str, float]] = []
+    while len(history) < steps:
+        history.extend(train_chunk(min(check_every, steps - len(history))))
+        error = float(validation_error())
+        checks.append({"step": float(len(history)), "error": error})
+        if error < best_error:
+            best_error, best_state = error, copy.deepcopy(model.state_dict())
+    model.load_state_dict(best_state)
+    for check in checks:
+        check["kept"] = float(check["error"] == best_error)
+    return history, checks
+
+
+def _blind_stage_stopped_early(
+    model: GaussModel,
+    windows: PixelWindows,
+    pixels: np.ndarray,
+    targets: np.ndarray,
+    config: GaussTrainingConfig,
+    description: str,
+) -> tuple[list[dict[str, float]], list[dict[str, float]]]:
+    """The blind stage on all pixels but a seeded held-out share, stopped where the held-out pixels'
+    reconstruction error (scaled units) was lowest."""
+    permutation = np.random.default_rng(config.seed).permutation(len(pixels))
+    held_out_count = max(1, int(round(config.blind_holdout_fraction * len(pixels))))
+    held_out, training = np.sort(permutation[:held_out_count]), np.sort(permutation[held_out_count:])
+    scale = _data_scale(model)
+    held_out_pixels = pixels[held_out] / scale
+    optimizer = torch.optim.Adam(
+        [p for p in model.parameters() if p.requires_grad],
+        lr=config.blind_learning_rate,
+        weight_decay=config.weight_decay,
+    )
+    # One optimizer and one batch generator across the chunks: without the checks it is one uninterrupted stage.
+    generator = torch.Generator(device="cpu").manual_seed(config.seed + 1)
+
+    def train_chunk(steps: int) -> list[dict[str, float]]:
+        return train_stage(
+            model,
+            windows,
+            steps,
+            config,
+            pixel_indices=training,
+            pseudo_targets=targets[training] if config.blind_pseudo_weight > 0 else None,
+            blind=True,
+            optimizer=optimizer,
+            generator=generator,
+            description=description,
+        )
+
+    def held_out_error() -> float:
+        reconstruction = predict(model, windows, held_out)["reconstruction"] / scale
+        return float(np.mean((reconstruction - held_out_pixels) ** 2))
+
+    return train_with_early_stopping(model, train_chunk, held_out_error, config.blind_steps, config.blind_check_every)
+
+
+def _read_out(model: GaussModel, windows: PixelWindows, rows: int, cols: int) -> dict[str, np.ndarray]:
+    """Endmembers ``MN(e_k)`` and the image's abundances, reconstruction and approximation, image-shaped."""
+    outputs = predict(model, windows)
+    with torch.no_grad():
+        endmembers = model.endmembers().double().cpu().numpy()
+    return {
+        "endmembers": endmembers,
+        **{key: value.reshape(rows, cols, -1) for key, value in outputs.items()},
+    }

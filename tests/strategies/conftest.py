@@ -5,16 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from peft_fed.state import ClientState, LayerSpec
+from peft_fed.state import ClientState
 from peft_fed.strategies import get_strategy
-
-
-@pytest.fixture
-def specs() -> dict[str, LayerSpec]:
-    return {
-        "layer.0.query": LayerSpec(out_features=12, in_features=10, rank=2, scale=2.0),
-        "layer.1.value": LayerSpec(out_features=8, in_features=14, rank=3, scale=0.5),
-    }
 
 
 @pytest.fixture

@@ -198,3 +198,24 @@ def test_adaptation_lowers_the_target_reconstruction_error(setting):
         assert end < 0.8 * start, (result.setting, start, end)
     local = run_local_only(model, target, tiles, config, TRAINING)
     assert len(local.history) == config.num_rounds + 1 and len(local.history[-1]["per_client"]) == len(tiles)
+
+
+def test_a_client_whose_training_turns_nan_is_dropped_and_the_rest_aggregate_exactly(setting):
+    # The second client holds one pixel of NaNs (the far corner, outside every window of the first tile), so its
+    # local training turns the adapter NaN. The engine must drop it each round, and FedIT must then equal a run
+    # with the first client alone, factor for factor.
+    model, target, tiles = setting
+    poisoned = copy.deepcopy(target)
+    poisoned.cube[-1, -1] = np.nan  # after the scene's own check: the clients, not the loader, meet it
+    corner = np.array([ROWS * COLS - 1])
+    config = FederatedUnmixingConfig(method="fedit", **FAST)
+    with_nan_client = run_federated_unmixing(model, poisoned, [tiles[0], corner], config, TRAINING)
+    alone = run_federated_unmixing(model, target, [tiles[0]], config, TRAINING)
+    for row in with_nan_client.history[1:]:
+        assert list(row["dropped_clients"]) == ["1"]
+        assert row["clients"] == ["0", "1"]
+    dropped_factors = peft_bridge.get_factors(with_nan_client.model)
+    alone_factors = peft_bridge.get_factors(alone.model)
+    for name, factor in alone_factors.items():
+        assert torch.equal(dropped_factors[name].A, factor.A) and torch.equal(dropped_factors[name].B, factor.B)
+        assert torch.isfinite(factor.B).all()

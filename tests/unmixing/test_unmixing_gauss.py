@@ -158,3 +158,20 @@ def test_fit_gauss_rejects_bad_input():
         GaussConfig(num_bands=5, num_endmembers=2, window_size=4)
     with pytest.raises(ValueError, match="mixup_fraction"):
         GaussTrainingConfig(mixup_fraction=1.5)
+
+
+def test_gauss_blinds_stage_one_is_exactly_a_separate_gauss_run(linear_scene_factory):
+    # The benchmark scores `gauss` from the `gauss_blind` fit's stage 1; that must be what `gauss` returns.
+    from peft_fed.unmixing.runner import run_method
+
+    scene, _ = linear_scene_factory(rows=8, cols=8, bands=12, p=3, noise=0.01)
+    # Without early stopping, which could undo a 10-step blind stage and hide whether it ran.
+    training = GaussTrainingConfig(
+        stage1_steps=15, blind_steps=10, batch_size=32, blind_holdout_fraction=0.0, show_progress=False
+    )
+    blind = run_method(scene.cube, 3, "gauss_blind", seed=2, gauss_training=training)
+    alone = run_method(scene.cube, 3, "gauss", seed=2, gauss_training=training)
+    for key in ("endmembers", "abundances", "reconstruction"):
+        assert np.array_equal(getattr(blind.stage1, key), getattr(alone, key)), key
+    assert not np.array_equal(blind.abundances, alone.abundances)  # the blind stage did change the model
+    assert alone.stage1 is None and blind.stage1.method == "gauss"

@@ -20,7 +20,8 @@ class FedSmoothLoraConfig(FederatedLoraConfig, FedSmoothLoRAHyperparameters):
     Configuration of a FedSmoothLoRA adapter: the LoRA layers (every field of [`~peft.LoraConfig`]) and the
     method's hyperparameters, the fields of [`~peft_fed.strategies.fedsmoothlora.FedSmoothLoRAHyperparameters`]
     (documented and validated there, once): `zeta`, `zeta_schedule`, `zeta_min`, `gamma`,
-    `num_gradient_batches`, `svd_method`, `svd_oversampling`, `svd_power_iterations`, `exact_round_matching`.
+    `num_gradient_batches`, `svd_method`, `svd_oversampling`, `svd_power_iterations`, `exact_round_matching`,
+    `svd_factor_split`, `small_client_gradient_batches`.
 
     The adapted layers are plain LoRA layers; the strategy sets their factors at the start of each round (the
     gradient-aligned / round-matching initialisation) and shifts the client's frozen backbone, so

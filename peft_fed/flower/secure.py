@@ -1,0 +1,310 @@
+"""Secure aggregation in a Flower deployment: Flower's SecAgg+, for methods whose server step is a weighted mean.
+
+With ``secure_aggregation=true`` the server never holds one client's upload: a round runs Flower's
+:class:`~flwr.server.workflow.SecAggPlusWorkflow` (key agreement, secret-shared masks, dropout recovery: Flower's
+implementation, not ours) and learns only the sum of the clients' masked, quantised uploads, each multiplied by its
+weight before masking. The weights are the clients' sample counts over the round's total (the server knows the
+counts: the nodes report them, in the clear, when they join), so SecAgg+ itself weighs every client equally and the
+quantisation keeps its full range; the server rescales the sum by the weights of the clients that answered, which
+gives the sample-weighted mean of their uploads. Each client's record then carries that mean as its "upload",
+so the strategy's usual aggregation of identical uploads with their weights gives back the mean: exactly the new
+server state of a method whose server step is the weighted mean of the uploads (FedIT, FFA-LoRA, FedSA-LoRA's
+shared ``A``; checked on the method's behaviour by :func:`~peft_fed.strategies.linearity.aggregates_weighted_mean`).
+Any other method is refused in one line before the first round, as is client-level DP (its clipping and noise need
+each update on the server; with secure aggregation the clients would have to add the noise).
+
+What still crosses the network in the clear: the client's metadata, losses and sample count (the weight), its
+participation, and the heads' and factors' *mean*. Quantisation: each coordinate is clipped to
+``[-secagg_clipping_range, secagg_clipping_range]`` and quantised to ``secagg_quantization_range`` levels: each
+client's weighted upload is off by at most ``clipping_range / quantization_range`` per coordinate (about 2e-6 at
+the defaults), the mean by that over the answering clients' total weight.
+
+SecAgg+ runs through Flower's legacy ``Strategy`` interface only: :class:`_OneRoundStrategy` hands the workflow the
+round's per-node messages and takes back the aggregate, so the round loop stays the round engine's.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.common import (
+    Code,
+    FitIns,
+    FitRes,
+    Parameters,
+    Status,
+    ndarrays_to_parameters,
+    parameters_to_ndarrays,
+)
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
+from flwr.compat.common import recorddict_compat as compat
+from flwr.server import ServerConfig
+from flwr.server.client_manager import SimpleClientManager
+from flwr.server.compat import LegacyContext
+from flwr.server.compat.grid_client_proxy import GridClientProxy
+from flwr.server.strategy import Strategy as LegacyStrategy
+from flwr.server.workflow import SecAggPlusWorkflow
+from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD
+from flwr.server.workflow.constant import Key as WorkflowKey
+
+from ..engine import ClientRecord, ClientTask
+from ..state import ClientState, LayerTensors, Upload
+from ..strategies.base import Strategy
+from ..strategies.linearity import aggregates_weighted_mean
+from .records import (
+    PROTOCOL,
+    MalformedMessageError,
+    ProtocolMismatchError,
+    ReplyMessage,
+    TaskMessage,
+    pack_task,
+    unpack_task,
+)
+from .settings import DeploymentArguments
+
+SECURE_TASK = "peft_fed.task"
+SECURE_WEIGHT = "peft_fed.weight"
+
+
+class SecureAggregationUnsupportedError(ValueError):
+    """The run's method cannot be aggregated securely (its server needs more than the weighted mean)."""
+
+
+def secure_aggregation_refusal(strategy: Strategy) -> str | None:
+    """Why ``strategy`` cannot run with secure aggregation, or ``None``."""
+    if strategy.model_card_facts(1):  # client-level DP clips and noises each update on the server
+        return (
+            "client-level DP with secure aggregation needs the clients to clip and noise their own updates, which is "
+            "not supported yet: run DP without secure aggregation, or secure aggregation without DP"
+        )
+    if not aggregates_weighted_mean(strategy):
+        return (
+            f"{strategy.name}'s server needs more than the weighted mean of the uploads (it merges, or aggregates "
+            "products or SVDs of the clients' factors), which is all secure aggregation reveals; use a method whose "
+            "server step is the mean (FedIT, FFA-LoRA, FedSA-LoRA)"
+        )
+    return None
+
+
+# ------------------------------------------------------------------ the upload as one list of arrays
+
+
+def upload_layout(strategy: Strategy, extras: Mapping[str, torch.Tensor]) -> list[tuple[str, str, tuple[int, ...]]]:
+    """The order and shapes in which a client's upload is flattened for SecAgg+: the method's uploaded tensors of
+    every layer (sorted), then the heads (sorted)."""
+    layout = [
+        ("layers", f"{name}|{key}", tuple(strategy._uploaded_shape(spec, key)))
+        for name, spec in sorted(strategy.specs.items())
+        for key in sorted(strategy.uploaded)
+    ]
+    layout += [("extras", name, tuple(tensor.shape)) for name, tensor in sorted(extras.items())]
+    return layout
+
+
+def upload_arrays(upload: Upload) -> list[np.ndarray]:
+    """A client's upload in :func:`upload_layout`'s order (float64: quantisation is SecAgg+'s only rounding)."""
+    arrays = [upload.layers[name][key] for name in sorted(upload.layers) for key in sorted(upload.layers[name])]
+    arrays += [upload.extras[name] for name in sorted(upload.extras)]
+    return [tensor.detach().cpu().double().numpy() for tensor in arrays]
+
+
+def mean_upload(arrays: Sequence[np.ndarray], layout: Sequence[tuple[str, str, tuple[int, ...]]], dtype: torch.dtype):
+    """The aggregate's arrays back into per-layer tensors and heads."""
+    if len(arrays) != len(layout) or any(a.shape != shape for a, (_, _, shape) in zip(arrays, layout, strict=False)):
+        raise MalformedMessageError("the securely aggregated vector does not have the method's upload layout")
+    layers: LayerTensors = {}
+    extras: dict[str, torch.Tensor] = {}
+    for array, (kind, name, _) in zip(arrays, layout, strict=True):
+        tensor = torch.from_numpy(np.array(array)).to(dtype)
+        if kind == "layers":
+            layer, _, key = name.rpartition("|")
+            layers.setdefault(layer, {})[key] = tensor
+        else:
+            extras[name] = tensor
+    return layers, extras
+
+
+# ------------------------------------------------------------------ node side
+
+
+def _record_dict_bytes(content: RecordDict) -> bytes:
+    from flwr.common.serde import recorddict_to_proto
+
+    return recorddict_to_proto(content).SerializeToString()
+
+
+def _record_dict_from_bytes(data: bytes) -> RecordDict:
+    from flwr.common.serde import recorddict_from_proto
+    from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict
+
+    proto = ProtoRecordDict()
+    proto.ParseFromString(data)
+    return recorddict_from_proto(proto)
+
+
+def is_secure_task(content: RecordDict) -> bool:
+    config = content.config_records.get("fitins.config")
+    return config is not None and SECURE_TASK in config
+
+
+def unpack_secure_task(content: RecordDict) -> TaskMessage:
+    return unpack_task(_record_dict_from_bytes(bytes(content.config_records["fitins.config"][SECURE_TASK])))
+
+
+def secure_weight(content: RecordDict) -> float:
+    return float(content.config_records["fitins.config"][SECURE_WEIGHT])
+
+
+def pack_secure_reply(reply: ReplyMessage, weight: float) -> RecordDict:
+    """The node's reply in the legacy ``FitRes`` layout SecAgg+'s client mod reads: the upload times ``weight`` as
+    arrays (which the mod replaces by their masked, quantised form before anything leaves the node) and the
+    metadata. SecAgg+'s own weight is 1 for every client: the weighting is done here, before quantisation."""
+    state = reply.client_state
+    body = {
+        "client_id": reply.client_id,
+        "num_samples": reply.num_samples,
+        "last_round": state.last_round if state else None,
+        "backbone_version": state.backbone_version if state else None,
+        "losses": reply.losses,
+        "timings": reply.timings,
+    }
+    fitres = FitRes(
+        status=Status(code=Code.OK, message=""),
+        parameters=ndarrays_to_parameters([weight * array for array in upload_arrays(reply.upload)]),
+        num_examples=1,
+        metrics={"protocol": PROTOCOL, "body": json.dumps(body)},
+    )
+    return compat.fitres_to_recorddict(fitres, keep_input=True)
+
+
+def secure_aggregation_mod(message: Message, context: Context, call_next) -> Message:
+    """Flower's ``secaggplus_mod`` for the messages of a secure round; every other message passes through."""
+    if RECORD_KEY_CONFIGS in message.content.config_records:
+        from flwr.client.mod import secaggplus_mod
+
+        return secaggplus_mod(message, context, call_next)
+    return call_next(message, context)
+
+
+# ------------------------------------------------------------------ server side
+
+
+class _OneRoundStrategy(LegacyStrategy):
+    """What ``SecAggPlusWorkflow`` asks of a legacy strategy, for one round: the per-node messages and where the
+    aggregate goes."""
+
+    def __init__(self, fit_instructions: Mapping[int, FitIns]) -> None:
+        self.fit_instructions = dict(fit_instructions)
+        self.results: list[tuple[Any, FitRes]] = []
+
+    def configure_fit(self, server_round, parameters, client_manager):
+        clients = client_manager.all()
+        return [(clients[str(node)], fitins) for node, fitins in self.fit_instructions.items() if str(node) in clients]
+
+    def aggregate_fit(self, server_round, results, failures):
+        self.results = list(results)
+        return (results[0][1].parameters if results else None), {}
+
+    def initialize_parameters(self, client_manager):
+        return None
+
+    def configure_evaluate(self, server_round, parameters, client_manager):
+        return []
+
+    def aggregate_evaluate(self, server_round, results, failures):
+        return None, {}
+
+    def evaluate(self, server_round, parameters):
+        return None
+
+
+def secure_round(
+    grid: Any,
+    nodes: Mapping[str, int],
+    tasks: Sequence[ClientTask],
+    round_index: int,
+    strategy: Strategy,
+    extras: Mapping[str, torch.Tensor],
+    settings: Mapping[str, Any],
+    run_digest: str,
+    deployment: DeploymentArguments,
+    num_samples: Mapping[str, int],
+) -> list[ClientRecord]:
+    """One round's client work under SecAgg+; every record of a client that took part carries the weighted mean of
+    the uploads (no record holds a client's own upload)."""
+    from .records import client_metadata
+
+    fit_instructions = {}
+    client_of_node = {}
+    reachable = [task for task in tasks if task.client_id in nodes]
+    total = sum(num_samples[task.client_id] for task in reachable)
+    weights = {task.client_id: num_samples[task.client_id] / total for task in reachable}
+    for task in reachable:
+        node = nodes[task.client_id]
+        content = pack_task(TaskMessage(task.client_id, task.broadcast, client_metadata(task.client_state), dict(settings), run_digest))
+        fit_instructions[node] = FitIns(
+            Parameters(tensors=[], tensor_type="numpy.ndarray"),
+            {SECURE_TASK: _record_dict_bytes(content), SECURE_WEIGHT: weights[task.client_id]},
+        )
+        client_of_node[node] = task.client_id
+    manager = SimpleClientManager()
+    for node in fit_instructions:
+        manager.register(GridClientProxy(node, grid, 0))
+    shim = _OneRoundStrategy(fit_instructions)
+    context = LegacyContext(
+        Context(run_id=0, node_id=0, node_config={}, state=RecordDict(), run_config={}),
+        config=ServerConfig(num_rounds=1),
+        strategy=shim,
+        client_manager=manager,
+    )
+    context.state.config_records[MAIN_CONFIGS_RECORD] = ConfigRecord({WorkflowKey.CURRENT_ROUND: round_index + 1})
+    context.state.array_records[MAIN_PARAMS_RECORD] = ArrayRecord()
+    if len(fit_instructions) >= 2:
+        SecAggPlusWorkflow(
+            num_shares=deployment.secagg_num_shares,
+            reconstruction_threshold=deployment.secagg_reconstruction_threshold,
+            max_weight=1.0,  # every client's SecAgg+ weight is 1: the sample weights are applied before masking
+            clipping_range=deployment.secagg_clipping_range,
+            quantization_range=deployment.secagg_quantization_range,
+            modulus_range=deployment.secagg_modulus_range,
+            timeout=deployment.round_timeout,
+        )(grid, context)
+    records: dict[str, ClientRecord] = {}
+    if shim.results:
+        # SecAgg+ returns the plain mean of the answering clients' weighted uploads: rescale it to their weighted mean
+        answered = [client_of_node[proxy.node_id] for proxy, _ in shim.results]
+        rescale = len(answered) / sum(weights[client] for client in answered)
+        arrays = [rescale * array for array in parameters_to_ndarrays(shim.results[0][1].parameters)]
+        layers, heads = mean_upload(arrays, upload_layout(strategy, extras), strategy.dtype)
+        for proxy, fitres in shim.results:
+            client = client_of_node.get(proxy.node_id)
+            try:
+                if fitres.metrics.get("protocol") != PROTOCOL:
+                    raise ProtocolMismatchError(f"a node speaks protocol {fitres.metrics.get('protocol')!r}, this side {PROTOCOL!r}")
+                body = json.loads(str(fitres.metrics["body"]))
+            except (KeyError, ValueError) as error:
+                records[client] = ClientRecord(client, None, None, None, 0, failure=f"(node {proxy.node_id}) {error}")
+                continue
+            state = ClientState(client, body["last_round"], int(body["backbone_version"]))
+            losses = body.get("losses") or {}
+            records[client] = ClientRecord(
+                client_id=client,
+                upload=Upload(client, int(body["num_samples"]), layers, heads),
+                client_state=state,
+                trained=None,
+                num_samples=int(body["num_samples"]),
+                loss_first=float(losses.get("first", float("nan"))),
+                loss_last=float(losses.get("last", float("nan"))),
+                loss_mean=float(losses.get("mean", float("nan"))),
+                timings={k: float(v) for k, v in (body.get("timings") or {}).items()},
+            )
+    why = "fewer than 2 clients with a node: secure aggregation needs 2" if len(fit_instructions) < 2 else (
+        "sent no masked upload (dropped from the secure aggregation)"
+    )
+    return [records.get(task.client_id) or ClientRecord(task.client_id, None, None, None, 0, failure=why) for task in tasks]
+

@@ -1,0 +1,221 @@
+"""The deployment's server and nodes in one process (no sockets): the same result as the simulation, exactly,
+including clients that miss rounds, nodes restarted for every message, lost and faulty nodes."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+import torch
+
+pytest.importorskip("flwr")
+
+from deployment_setup import assert_same_result, deployed_result, simulate, small_settings  # noqa: E402
+from flwr.app import Message  # noqa: E402
+from in_process import InProcessGrid  # noqa: E402
+from tiny_models import save_stand_in  # noqa: E402
+
+from peft_fed.flower import TooFewRepliesError, records, serve  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory) -> str:
+    return save_stand_in("roberta", tmp_path_factory.mktemp("stand-in"))
+
+
+def _nodes(tmp_path, n: int) -> dict[int, dict]:
+    return {100 + i: {"partition-id": i, "state-dir": str(tmp_path / f"node-{i}")} for i in range(n)}
+
+
+def test_fedsmoothlora_with_partial_participation_equals_the_simulation(model, tmp_path):
+    # 3 clients, 1 per round, 3 rounds: returning clients catch up on the merges they missed, from their own disk
+    settings = small_settings(model, "fedsmoothlora", tmp_path / "sim", num_clients=3, clients_per_round=1, num_rounds=3)
+    simulated = simulate(settings)
+    grid = InProcessGrid(_nodes(tmp_path, 3))
+    serve(grid, {**settings, "output_dir": str(tmp_path / "deployed"), "node_wait": 5})
+    deployed = deployed_result(tmp_path / "deployed")
+    assert_same_result(deployed, simulated)
+    assert deployed["state"].backbone_version == 3
+    # the server kept only the clients' metadata; FedSmoothLoRA's per-client uploads stay on the nodes' disks
+    assert list(tmp_path.glob("node-*/run-*/client_states/after-round-*.safetensors"))
+    trained = [state for state in deployed["client_states"].values() if state.last_round is not None]
+    assert trained and all(state.layers == {} for state in trained)
+    rows = [json.loads(line) for line in (tmp_path / "deployed" / "metrics.jsonl").read_text().splitlines()]
+    assert all(row["downlink_wire_bytes"] > row["downlink_bytes"] and row["uplink_wire_bytes"] > row["uplink_bytes"] for row in rows)
+
+
+def test_a_lost_node_is_dropped_like_a_failed_client(model, tmp_path, caplog):
+    settings = small_settings(model, "fedit", tmp_path / "sim")
+    simulated = simulate(settings, drop={(1, "1")})
+    grid = InProcessGrid(_nodes(tmp_path, 2), lost=lambda round_index, node: (round_index, node) == (1, 101))
+    with caplog.at_level(logging.WARNING):
+        serve(grid, {**settings, "output_dir": str(tmp_path / "deployed"), "node_wait": 5, "round_retries": 0})
+    deployed = deployed_result(tmp_path / "deployed")
+    assert_same_result(deployed, simulated)
+    assert list(deployed["history"][1]["dropped_clients"]) == ["1"]
+    assert "sent no reply" in deployed["history"][1]["dropped_clients"]["1"]
+    assert "round 2: client 1 (node 101) sent no reply" in caplog.text
+
+
+def _poison(round_index: int, node: int, reply: Message) -> Message:
+    if round_index != 1 or node != 101:
+        return reply
+    message = records.unpack_reply(reply.content)
+    layer = next(iter(message.upload.layers))
+    message.upload.layers[layer]["B"] = torch.full_like(message.upload.layers[layer]["B"], float("nan"))
+    reply.content = records.pack_reply(message)
+    return reply
+
+
+def test_a_poisoned_reply_is_dropped_by_the_invalid_upload_policy(model, tmp_path):
+    settings = small_settings(model, "fedit", tmp_path / "sim")
+    simulated = simulate(settings, drop={(1, "1")})
+    grid = InProcessGrid(_nodes(tmp_path, 2), tamper=_poison)
+    serve(grid, {**settings, "output_dir": str(tmp_path / "deployed"), "node_wait": 5})
+    deployed = deployed_result(tmp_path / "deployed")
+    assert_same_result(deployed, simulated)
+    assert "NaN" in deployed["history"][1]["dropped_clients"]["1"] or "finite" in deployed["history"][1]["dropped_clients"]["1"]
+
+
+def test_a_restarted_server_resumes_from_its_checkpoint(model, tmp_path):
+    settings = small_settings(model, "fedsmoothlora", tmp_path / "sim", num_clients=3, clients_per_round=2)
+    simulated = simulate(settings)
+    nodes = _nodes(tmp_path, 3)
+    deployed = {**settings, "output_dir": str(tmp_path / "deployed"), "node_wait": 5}
+    serve(InProcessGrid(nodes), {**deployed, "num_rounds": 1})  # the server stops after round 1...
+    serve(InProcessGrid(nodes), {**deployed, "resume": True})  # ...and a new ServerApp continues the run
+    assert_same_result(deployed_result(tmp_path / "deployed"), simulated)
+
+
+def test_too_few_replies_stop_the_run_with_the_state_of_the_last_good_round(model, tmp_path):
+    settings = small_settings(model, "fedit", tmp_path / "deployed", node_wait=5, min_replies=2, round_retries=1)
+    grid = InProcessGrid(_nodes(tmp_path, 2), lost=lambda round_index, node: round_index == 1 and node == 100)
+    with pytest.raises(TooFewRepliesError, match=r"round 2 got 1 good replies, fewer than min_replies=2, after 2 attempts"):
+        serve(grid, settings)
+    assert deployed_result(tmp_path / "deployed")["state"].round == 1  # round 1's checkpoint, nothing half-applied
+    lines = (tmp_path / "deployed" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["round"] for line in lines] == [1]
+
+
+def test_a_node_of_another_client_range_or_config_is_left_out(model, tmp_path, caplog):
+    nodes = {100: {"partition-id": 0, "state-dir": str(tmp_path / "a")}, 101: {"partition-id": 7}, 102: {"colour": "red"}}
+    settings = small_settings(model, "fedit", tmp_path / "deployed", num_rounds=1, node_wait=1)
+    with caplog.at_level(logging.WARNING):
+        serve(InProcessGrid(nodes), settings)
+    assert "partition-id=7 but the run has 2 clients" in caplog.text
+    assert "unknown node config key(s) ['colour']" in caplog.text
+    history = deployed_result(tmp_path / "deployed")["history"]
+    assert history[0]["dropped_clients"] == {"1": "has no node connected"}
+
+
+def test_flower_strategy_start_drives_the_same_rounds(model, tmp_path):
+    """``FederatedLoraStrategy`` under Flower's own ``Strategy.start`` loop: the engine's two half-rounds around
+    Flower's send/receive give the simulation's state."""
+    from flwr.app import ArrayRecord
+
+    from peft_fed import peft_bridge
+    from peft_fed.engine import RoundEngine
+    from peft_fed.flower import FederatedLoraStrategy, FlowerClientExecutor
+    from peft_fed.flower.node import settings_digest
+    from peft_fed.runtime.pipeline import FederatedRunConfig, load_run
+    from peft_fed.strategies import build_strategy
+
+    settings = small_settings(model, "fedsmoothlora", tmp_path / "sim", num_clients=3, clients_per_round=2)
+    simulated = simulate(settings)
+    config = FederatedRunConfig.from_dict({**settings, "output_dir": str(tmp_path / "unused")})
+    run = load_run(config, tokenize_clients=False)
+    flat = run.config.to_dict()
+    executor = FlowerClientExecutor(InProcessGrid(_nodes(tmp_path, 3)), run.model, flat, settings_digest(flat))
+    executor.discover(3)
+    args = config.training_args
+    strategy = build_strategy(
+        "fedsmoothlora", peft_bridge.layer_specs(run.model), overrides=args.method_kwargs, seed=args.seed,
+        num_rounds=args.num_rounds,
+    )  # fmt: skip
+    engine = RoundEngine(strategy, executor, num_clients=3, clients_per_round=2, seed=args.seed)
+    extras = peft_bridge.get_extras(run.model, peft_bridge.trainable_extra_names(run.model))
+    engine.initialize(extras=extras, base_weights=peft_bridge.base_weights(run.model))
+    result = FederatedLoraStrategy(engine, executor).start(executor.grid, ArrayRecord(), num_rounds=2, timeout=60)
+    assert sorted(result.train_metrics_clientapp) == [1, 2]
+    assert result.train_metrics_clientapp[2]["backbone_version"] == 2
+    ours, _ = engine.server_state.state_dict()
+    theirs, _ = simulated["state"].state_dict()
+    for name in theirs:
+        torch.testing.assert_close(ours[name], theirs[name], atol=1e-6, rtol=1e-5, msg=name)
+    for name, weight in simulated["backbone"].items():
+        torch.testing.assert_close(peft_bridge.base_weights(run.model)[name], weight, atol=1e-6, rtol=1e-5)
+
+
+def test_a_node_refuses_a_server_of_another_protocol_in_one_line(tmp_path):
+    from flwr.app import ConfigRecord, Context, RecordDict
+
+    from peft_fed.flower.app import REFUSED, node_train
+    from peft_fed.state import Broadcast, ClientState
+
+    InProcessGrid({})  # sets the process's Flower task identity, as a ClientApp process has it
+    content = records.pack_task(records.TaskMessage("0", Broadcast(round=0), ClientState("0"), {}, "run"))
+    content["peft_fed.meta"] = ConfigRecord({"protocol": "peft-fed/2", "body": "{}"})
+    message = Message(content=content, dst_node_id=7, message_type="train")
+    context = Context(run_id=1, node_id=7, node_config={"partition-id": 0}, state=RecordDict(), run_config={})
+    reply = node_train(message, context)
+    assert reply.has_error() and reply.error.code == REFUSED
+    assert reply.error.reason == (
+        "the server's task speaks protocol 'peft-fed/2', this side 'peft-fed/1': install the same peft-fed version "
+        "on the server and every node"
+    )
+
+
+def test_a_node_with_its_own_data_file_trains_as_that_client(model, tmp_path):
+    from peft_fed.runtime.pipeline import FederatedRunConfig, prepare_federated_data
+
+    settings = small_settings(model, "fedit", tmp_path / "sim")
+    simulated = simulate(settings)
+    client_train, *_ = prepare_federated_data(FederatedRunConfig.from_dict(settings))
+    own_file = tmp_path / "client-1.jsonl"
+    client_train[1].to_json(own_file)  # what client 1's owner holds, in a file of its own
+    nodes = _nodes(tmp_path, 2)
+    nodes[101] = {"data-path": str(own_file), "client-id": 1, "state-dir": str(tmp_path / "owner")}
+    serve(InProcessGrid(nodes), {**settings, "output_dir": str(tmp_path / "deployed"), "node_wait": 5})
+    deployed = deployed_result(tmp_path / "deployed")
+    assert deployed["history"][0]["client_num_samples"]["1"] == len(client_train[1])
+    assert_same_result(deployed, simulated)
+
+
+def test_secure_aggregation_gives_the_mean_and_the_server_never_holds_one_upload(model, tmp_path, monkeypatch):
+    from peft_fed.strategies.fedit import FedIT
+
+    received = []
+    original = FedIT.aggregate
+
+    def spy(self, state, uploads):
+        received.append([u.layers for u in uploads])
+        return original(self, state, uploads)
+
+    monkeypatch.setattr(FedIT, "aggregate", spy)
+    settings = small_settings(model, "fedit", tmp_path / "sim", num_clients=3, clients_per_round=3, num_rounds=1)
+    simulated = simulate(settings)
+    received.clear()
+    serve(InProcessGrid(_nodes(tmp_path, 3)),
+          {**settings, "output_dir": str(tmp_path / "deployed"), "node_wait": 5, "secure_aggregation": True})  # fmt: skip
+    # SecAgg+ quantises each client's weighted upload with a step of 2 * clipping_range / quantization_range; the
+    # sum of 3 clients is off by less than 3 steps per coordinate (the weights sum to 1)
+    step = 2 * 8.0 / 2**22
+    assert_same_result(deployed_result(tmp_path / "deployed"), simulated, atol=3 * step)
+    with pytest.raises(AssertionError):  # and the bound is tight enough to tell: the quantisation is really there
+        assert_same_result(deployed_result(tmp_path / "deployed"), simulated, atol=1e-9)
+    rounds = [uploads for uploads in received if not any(name.startswith("probe.") for name in uploads[0])]
+    assert len(rounds) == 1  # (the others are the linearity probe's, on its own small layers)
+    for uploads in rounds:  # every "upload" the strategy saw is the one aggregate, never a client's own
+        first = uploads[0]
+        assert len(uploads) == 3 and all(
+            torch.equal(u[name][key], first[name][key]) for u in uploads[1:] for name in first for key in first[name]
+        )
+
+
+def test_secure_aggregation_refuses_a_method_whose_server_needs_more_than_the_mean(model, tmp_path):
+    from peft_fed.flower.secure import SecureAggregationUnsupportedError
+
+    settings = small_settings(model, "flexlora", tmp_path / "deployed", num_rounds=1, node_wait=5, secure_aggregation=True)
+    with pytest.raises(SecureAggregationUnsupportedError, match="needs more than the weighted mean of the uploads"):
+        serve(InProcessGrid(_nodes(tmp_path, 2)), settings)

@@ -1,0 +1,112 @@
+"""The deployment's wire format: every message survives a round trip exactly, and a peer of another protocol or a
+malformed message is refused in one clear line."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+pytest.importorskip("flwr")
+
+from flwr.app import ConfigRecord  # noqa: E402
+
+from peft_fed.flower import records  # noqa: E402
+from peft_fed.flower.records import (  # noqa: E402
+    MalformedMessageError,
+    NodeInfo,
+    ProtocolMismatchError,
+    ReplyMessage,
+    TaskMessage,
+)
+from peft_fed.linalg import LowRank  # noqa: E402
+from peft_fed.state import Broadcast, ClientState, Upload  # noqa: E402
+
+
+def _broadcast(dtype=torch.float32) -> Broadcast:
+    g = torch.Generator().manual_seed(0)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=g).to(dtype)
+
+    return Broadcast(
+        round=4,
+        layers={"encoder.layer.0.attention.self.query": {"B": rand(8, 2), "A": rand(2, 6)}, "x.value": {"B0": rand(3, 2)}},
+        backbone_updates=[{"x.value": LowRank(rand(3, 2), rand(2, 5))}, {"x.value": LowRank(rand(3, 1), rand(1, 5))}],
+        backbone_version=7,
+        extras={"classifier.weight": rand(1, 8)},
+    )
+
+
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_task_round_trip_is_exact(dtype):
+    broadcast = _broadcast(dtype)
+    state = ClientState(client_id="3", last_round=1, backbone_version=5)
+    task = TaskMessage("3", broadcast, state, {"method": "fedit", "seed": 3}, "abc")
+    back = records.unpack_task(records.pack_task(task))
+    assert (back.client_id, back.run_digest, back.settings) == ("3", "abc", {"method": "fedit", "seed": 3})
+    assert (back.client_state.last_round, back.client_state.backbone_version) == (1, 5)
+    assert (back.broadcast.round, back.broadcast.backbone_version) == (4, 7)
+    for layer, tensors in broadcast.layers.items():
+        assert all(_same(back.broadcast.layers[layer][k], t) for k, t in tensors.items())
+    assert len(back.broadcast.backbone_updates) == 2
+    for got, sent in zip(back.broadcast.backbone_updates, broadcast.backbone_updates, strict=True):
+        assert _same(got["x.value"].B, sent["x.value"].B) and _same(got["x.value"].A, sent["x.value"].A)
+    assert _same(back.broadcast.extras["classifier.weight"], broadcast.extras["classifier.weight"])
+    assert back.broadcast.nbytes == broadcast.nbytes
+
+
+def test_task_sends_the_client_metadata_not_its_tensors():
+    state = ClientState(client_id="1", last_round=0, backbone_version=1, layers={"x": {"B": torch.ones(2, 2)}})
+    content = records.pack_task(TaskMessage("1", _broadcast(), records.client_metadata(state), {}, "d"))
+    assert "x|B" not in json.dumps(str(content)) and records.unpack_task(content).client_state.layers == {}
+
+
+def test_reply_round_trip_is_exact_and_a_failure_travels():
+    upload = Upload("2", 17, {"a": {"B": torch.randn(4, 2)}}, {"head": torch.randn(3).bfloat16()})
+    reply = ReplyMessage("2", upload, ClientState("2", 5, 3), 17, {"first": 1.5, "last": 1.0, "mean": 1.2}, {"train_seconds": 2.0})
+    back = records.unpack_reply(records.pack_reply(reply))
+    assert (back.client_id, back.num_samples, back.failure, back.losses, back.timings) == (
+        "2", 17, None, reply.losses, reply.timings
+    )
+    assert _same(back.upload.layers["a"]["B"], upload.layers["a"]["B"]) and _same(back.upload.extras["head"], upload.extras["head"])
+    assert (back.upload.client_id, back.upload.num_samples) == ("2", 17)
+    assert (back.client_state.last_round, back.client_state.backbone_version) == (5, 3)
+    failed = records.unpack_reply(records.pack_reply(ReplyMessage("2", None, None, failure="non-finite training loss")))
+    assert failed.upload is None and failed.failure == "non-finite training loss"
+
+
+def test_query_and_node_info_round_trip():
+    settings, digest = records.unpack_query(records.pack_query({"num_clients": 3}, "xyz"))
+    assert settings == {"num_clients": 3} and digest == "xyz"
+    info = NodeInfo("2", 40, "n=40 sha256:00")
+    assert records.unpack_node_info(records.pack_node_info(info)) == info
+
+
+def test_a_peer_of_another_protocol_is_refused_clearly(monkeypatch):
+    content = records.pack_reply(ReplyMessage("0", None, None, failure="x"))
+    content[records._META] = ConfigRecord({"protocol": "peft-fed/0", "body": "{}"})
+    with pytest.raises(ProtocolMismatchError, match=r"speaks protocol 'peft-fed/0', this side 'peft-fed/1'.*same peft-fed version"):
+        records.unpack_reply(content)
+    del content[records._META]
+    with pytest.raises(ProtocolMismatchError, match="is not a peft-fed message"):
+        records.unpack_reply(content)
+
+
+def test_malformed_messages_are_refused():
+    content = records.pack_task(TaskMessage("0", _broadcast(), ClientState("0"), {}, "d"))
+    body = json.loads(str(content[records._META]["body"]))
+    body["num_updates"] = 1  # announces fewer updates than it carries
+    content[records._META] = ConfigRecord({"protocol": records.PROTOCOL, "body": json.dumps(body)})
+    with pytest.raises(MalformedMessageError):
+        records.unpack_task(content)
+    body["num_updates"] = 2
+    body.pop("round")
+    content[records._META] = ConfigRecord({"protocol": records.PROTOCOL, "body": json.dumps(body)})
+    with pytest.raises(MalformedMessageError, match="malformed"):
+        records.unpack_task(content)

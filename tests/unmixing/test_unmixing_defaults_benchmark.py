@@ -1,0 +1,56 @@
+"""Bookkeeping of benchmarks/unmixing_defaults.py: the score, the seed-agreement criterion and the choice rule."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+_PATH = Path(__file__).resolve().parents[2] / "benchmarks" / "unmixing_defaults.py"
+_SPEC = importlib.util.spec_from_file_location("unmixing_defaults_benchmark", _PATH)
+bench = importlib.util.module_from_spec(_SPEC)
+sys.modules[_SPEC.name] = bench
+_SPEC.loader.exec_module(bench)
+
+
+def _run(candidate: str, scene: str, sad: float, armse: float) -> dict:
+    return {"candidate": candidate, "scene": scene, "gauss_blind": {"sad_mean": sad, "armse": armse}}
+
+
+def test_scores_are_relative_to_the_previous_defaults_scene_by_scene():
+    previous = bench.PREVIOUS_DEFAULTS
+    runs = [
+        _run(previous, "a", 0.10, 0.20),
+        _run(previous, "b", 0.40, 0.10),
+        _run("other", "a", 0.05, 0.20),  # half the SAD, same aRMSE: 0.75
+        _run("other", "b", 0.40, 0.30),  # same SAD, three times the aRMSE: 2.0
+    ]
+    scores = bench.phase1_scores(runs)
+    assert scores[previous] == pytest.approx(1.0)
+    assert scores["other"] == pytest.approx((0.75 + 2.0) / 2)
+
+
+def test_seed_disagreement_ignores_order_and_scale_and_sees_a_moved_endmember():
+    rng = np.random.default_rng(0)
+    first = rng.random((20, 3)) + 0.1
+    assert bench.seed_disagreement(first, 2.0 * first[:, [2, 0, 1]]) == pytest.approx(0.0, abs=1e-7)
+    moved = first.copy()
+    moved[:, 1] = rng.random(20) + 0.1
+    assert bench.seed_disagreement(first, moved) > 0.05
+
+
+def test_the_rule_keeps_the_phase_one_winner_unless_it_is_twice_as_unsteady():
+    scores = {"best": 0.9, "second": 1.0}
+    assert bench.choose(scores, {"best": 0.05, "second": 0.04})[0] == "best"
+    assert bench.choose(scores, {"best": 0.05, "second": 0.02})[0] == "second"
+
+
+def test_every_candidate_is_a_valid_training_setting():
+    from peft_fed.unmixing.config import GaussTrainingConfig
+
+    assert bench.PREVIOUS_DEFAULTS in bench.CANDIDATES and len(bench.CANDIDATES) == 8
+    for settings in bench.CANDIDATES.values():
+        GaussTrainingConfig(**settings)
