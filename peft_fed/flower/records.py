@@ -231,8 +231,42 @@ class ReplyMessage:
     failure: str | None = None
 
 
-def pack_reply(reply: ReplyMessage) -> RecordDict:
-    upload = reply.upload
+def reply_metadata(content: RecordDict) -> ConfigRecord:
+    """The metadata record of a packed reply (what a secure reply carries beside its masked upload)."""
+    return content[_META]
+
+
+def reply_from_metadata(metadata: Mapping[str, Any]) -> ReplyMessage:
+    """A reply whose only record is its metadata (a secure round's: the upload went into the masked sum)."""
+    return unpack_reply(RecordDict({_META: ConfigRecord(dict(metadata))}))
+
+
+def record_from_reply(client_id: str, node_id: int, reply: ReplyMessage):
+    """The round engine's record of ``reply`` from client ``client_id`` on node ``node_id``: a failure when the reply
+    names another client or the client failed. ``trained`` is left out: a node sends what its method uploads."""
+    from ..engine import ClientRecord
+
+    if reply.client_id != client_id or (reply.upload is not None and str(reply.upload.client_id) != client_id):
+        return ClientRecord(client_id, None, None, None, 0, failure=f"(node {node_id}) replied for client {reply.client_id}")
+    if reply.failure is not None or reply.upload is None:
+        why = reply.failure or "sent no upload"
+        return ClientRecord(client_id, None, None, None, reply.num_samples, failure=f"(node {node_id}) {why}")
+    losses = reply.losses
+    return ClientRecord(
+        client_id=client_id,
+        upload=reply.upload,
+        client_state=reply.client_state,
+        trained=None,
+        num_samples=reply.num_samples,
+        loss_first=losses.get("first", float("nan")),
+        loss_last=losses.get("last", float("nan")),
+        loss_mean=losses.get("mean", float("nan")),
+        timings=reply.timings,
+    )
+
+
+def pack_reply(reply: ReplyMessage, *, with_upload: bool = True) -> RecordDict:
+    upload = reply.upload if with_upload else None
     layers, layer_dtypes = _pack_tensors(_flatten_layers(upload.layers) if upload else {})
     extras, extra_dtypes = _pack_tensors(upload.extras if upload else {})
     state = reply.client_state
@@ -265,6 +299,7 @@ def unpack_reply(content: RecordDict) -> ReplyMessage:
                 layers=_unflatten_layers(_unpack_tensors(content.get(_LAYERS), dtypes["layers"])),
                 extras=_unpack_tensors(content.get(_EXTRAS), dtypes["extras"]),
             )
+        if body["backbone_version"] is not None:
             state = ClientState(
                 client_id=client_id, last_round=body["last_round"], backbone_version=int(body["backbone_version"])
             )

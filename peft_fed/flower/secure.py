@@ -25,7 +25,6 @@ round's per-node messages and takes back the aggregate, so the round loop stays 
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -53,16 +52,19 @@ from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECOR
 from flwr.server.workflow.constant import Key as WorkflowKey
 
 from ..engine import ClientRecord, ClientTask
-from ..state import ClientState, LayerTensors, Upload
+from ..state import LayerTensors, Upload
 from ..strategies.base import Strategy
 from ..strategies.linearity import aggregates_weighted_mean
 from .records import (
-    PROTOCOL,
     MalformedMessageError,
     ProtocolMismatchError,
     ReplyMessage,
     TaskMessage,
+    pack_reply,
     pack_task,
+    record_from_reply,
+    reply_from_metadata,
+    reply_metadata,
     unpack_task,
 )
 from .settings import DeploymentArguments
@@ -164,20 +166,11 @@ def pack_secure_reply(reply: ReplyMessage, weight: float) -> RecordDict:
     """The node's reply in the legacy ``FitRes`` layout SecAgg+'s client mod reads: the upload times ``weight`` as
     arrays (which the mod replaces by their masked, quantised form before anything leaves the node) and the
     metadata. SecAgg+'s own weight is 1 for every client: the weighting is done here, before quantisation."""
-    state = reply.client_state
-    body = {
-        "client_id": reply.client_id,
-        "num_samples": reply.num_samples,
-        "last_round": state.last_round if state else None,
-        "backbone_version": state.backbone_version if state else None,
-        "losses": reply.losses,
-        "timings": reply.timings,
-    }
     fitres = FitRes(
         status=Status(code=Code.OK, message=""),
         parameters=ndarrays_to_parameters([weight * array for array in upload_arrays(reply.upload)]),
         num_examples=1,
-        metrics={"protocol": PROTOCOL, "body": json.dumps(body)},
+        metrics=dict(reply_metadata(pack_reply(reply, with_upload=False))),  # the plain reply's metadata, as is
     )
     return compat.fitres_to_recorddict(fitres, keep_input=True)
 
@@ -282,27 +275,14 @@ def secure_round(
         arrays = [rescale * array for array in parameters_to_ndarrays(shim.results[0][1].parameters)]
         layers, heads = mean_upload(arrays, upload_layout(strategy, extras), strategy.dtype)
         for proxy, fitres in shim.results:
-            client = client_of_node.get(proxy.node_id)
+            client = client_of_node[proxy.node_id]
             try:
-                if fitres.metrics.get("protocol") != PROTOCOL:
-                    raise ProtocolMismatchError(f"a node speaks protocol {fitres.metrics.get('protocol')!r}, this side {PROTOCOL!r}")
-                body = json.loads(str(fitres.metrics["body"]))
-            except (KeyError, ValueError) as error:
+                reply = reply_from_metadata(fitres.metrics)
+            except (ProtocolMismatchError, MalformedMessageError) as error:
                 records[client] = ClientRecord(client, None, None, None, 0, failure=f"(node {proxy.node_id}) {error}")
                 continue
-            state = ClientState(client, body["last_round"], int(body["backbone_version"]))
-            losses = body.get("losses") or {}
-            records[client] = ClientRecord(
-                client_id=client,
-                upload=Upload(client, int(body["num_samples"]), layers, heads),
-                client_state=state,
-                trained=None,
-                num_samples=int(body["num_samples"]),
-                loss_first=float(losses.get("first", float("nan"))),
-                loss_last=float(losses.get("last", float("nan"))),
-                loss_mean=float(losses.get("mean", float("nan"))),
-                timings={k: float(v) for k, v in (body.get("timings") or {}).items()},
-            )
+            reply.upload = Upload(client, reply.num_samples, layers, heads)
+            records[client] = record_from_reply(client, proxy.node_id, reply)
     why = "fewer than 2 clients with a node: secure aggregation needs 2" if len(fit_instructions) < 2 else (
         "sent no masked upload (dropped from the secure aggregation)"
     )

@@ -40,6 +40,7 @@ from .records import (
     client_metadata,
     pack_query,
     pack_task,
+    record_from_reply,
     serialized_nbytes,
     unpack_node_info,
     unpack_reply,
@@ -185,22 +186,7 @@ class FlowerClientExecutor:
             message = unpack_reply(reply.content)
         except (ProtocolMismatchError, MalformedMessageError) as error:
             return failed(str(error))
-        if message.client_id != client or (message.upload is not None and str(message.upload.client_id) != client):
-            return failed(f"replied for client {message.client_id}, not {client}")
-        if message.failure is not None:
-            return ClientRecord(client, None, None, None, message.num_samples, failure=f"(node {node}) {message.failure}")
-        losses = message.losses
-        return ClientRecord(
-            client_id=client,
-            upload=message.upload,
-            client_state=message.client_state,
-            trained=None,  # a node sends what its method uploads, not its full trained factors
-            num_samples=message.num_samples,
-            loss_first=losses.get("first", float("nan")),
-            loss_last=losses.get("last", float("nan")),
-            loss_mean=losses.get("mean", float("nan")),
-            timings=message.timings,
-        )
+        return record_from_reply(client, node, message)
 
     # ------------------------------------------------------------------ the executor protocol
 
