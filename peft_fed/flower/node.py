@@ -192,10 +192,9 @@ class NodeRuntime:
         self.trainer = _node_trainer_class()(
             model=run.model, args=args, client_datasets=[self.dataset], client_id=node.client_id, **run.trainer_kwargs()
         )
-        # constructing a trainer applies a method's initial backbone update (FRLoRA) to the model; a node takes every
-        # update from the server instead, so it starts from the base weights at version 0
-        peft_bridge.set_base_weights(self.trainer.model, self.trainer.original_weights)
-        self.backbone_version = 0
+        # constructing a trainer applies a method's initial backbone update (FRLoRA) to the model: the backbone's
+        # version is unknown until the first task resets it (a node takes every update from the server)
+        self.backbone_version: int | None = None
 
     def info(self) -> NodeInfo:
         from ..runtime.checkpoint import digest_dataset
@@ -207,9 +206,13 @@ class NodeRuntime:
         settings such as ``num_rounds``): a different run starts again from the base weights."""
         if self.store is None or self.store.root.name != f"run-{run_digest}":
             self.store = NodeStore(self.node.state_dir / f"run-{run_digest}")
-            peft_bridge.set_base_weights(self.trainer.model, self.trainer.original_weights)
-            self.backbone_version = 0
+            self._reset_backbone()
         return self.store
+
+    def _reset_backbone(self) -> None:
+        """The base weights, version 0."""
+        peft_bridge.set_base_weights(self.trainer.model, self.trainer.original_weights)
+        self.backbone_version = 0
 
     def _bring_backbone_to(self, task: TaskMessage) -> str | None:
         """Make the model's backbone the server's version ``task`` names; the reason when it cannot."""
@@ -217,10 +220,8 @@ class NodeRuntime:
         target, received = broadcast.backbone_version, broadcast.backbone_updates
         first_received = target - len(received)
         self.store.save_backbone_updates(first_received, received)
-        model = self.trainer.model
         if self.backbone_version > target:  # the server resumed from an earlier round: rebuild from the base weights
-            peft_bridge.set_base_weights(model, self.trainer.original_weights)
-            self.backbone_version = 0
+            self._reset_backbone()
         for version in range(self.backbone_version, target):
             update = received[version - first_received] if version >= first_received else self.store.backbone_update(version)
             if update is None:
@@ -228,7 +229,7 @@ class NodeRuntime:
                     f"holds no backbone update {version} (its state folder {self.store.root} was lost?); the server "
                     "sent only the ones after its last round"
                 )
-            peft_bridge.add_to_base_weights(model, update)
+            peft_bridge.add_to_base_weights(self.trainer.model, update)
             self.backbone_version = version + 1
         return None
 

@@ -51,6 +51,7 @@ def test_certificates_are_readable_by_flower_and_never_overwritten(tmp_path, cap
 def test_the_flower_app_lets_every_deployment_setting_be_overridden():
     """``flwr run --run-config`` accepts only keys the app's pyproject.toml lists."""
     import dataclasses
+
     import tomllib
 
     from peft_fed.flower.local import APP_DIR
