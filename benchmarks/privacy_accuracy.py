@@ -30,6 +30,8 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from federated_grid import PRESETS, _complete, _mean_sd  # noqa: E402  (the shared benchmark settings and helpers)
 
+CHANCE_ACCURACY = 0.25  # WordNet multiple choice has 4 options
+
 
 def level_settings(level: str, clip: float) -> dict[str, Any]:
     """The ``dp_*`` run settings of a privacy level (``none``, ``clip``, ``eps=E``)."""
@@ -180,6 +182,7 @@ def _plot(summary: dict[str, Any], path: Path) -> None:
                 style = "-" if row["level"] == "none" else ":"
                 ax.axhline(row["final_accuracy"]["mean"], color=line[0].get_color(), linestyle=style, linewidth=1,
                            label=f"{method} ({'no DP' if row['level'] == 'none' else 'clip only, z=0'})")  # fmt: skip
+    ax.axhline(CHANCE_ACCURACY, color="grey", linestyle="--", linewidth=1, label="chance (4-way)")
     ax.set_xscale("log")
     ax.set_xlabel("epsilon after the run")
     ax.set_ylabel("final eval accuracy")

@@ -333,16 +333,22 @@ def _deploy(args: argparse.Namespace, rest: Sequence[str]) -> int:
         raise CliError(f"--clients_per_round {settings['clients_per_round']} is more than the {args.num_nodes} nodes")
     settings.setdefault("output_dir", str(folder / "server"))
     settings["output_dir"] = str(Path(settings["output_dir"]).absolute())
-    _run_config(dict(settings), args)  # every setting checked before a process starts
+    config = _run_config(dict(settings), args)  # every setting checked before a process starts
     from .flower.settings import DeploymentArguments, deployment_field_names
 
     deployment = {k: v for k, v in vars(args).items() if k in deployment_field_names()}
     with settings_errors():
-        DeploymentArguments(**deployment)
+        deployment_arguments = DeploymentArguments(**deployment)
     try:
         from .flower.local import APP_DIR, DeploymentError, LocalDeployment
+        from .flower.secure import secure_aggregation_refusal_of_run
     except ImportError as error:
         raise CliError(f"peft-fed deploy needs {error.name or error}: pip install 'peft-fed[flower]'") from None
+    if deployment_arguments.secure_aggregation:
+        with settings_errors():
+            refusal = secure_aggregation_refusal_of_run(config, deployment_arguments)
+        if refusal is not None:
+            raise CliError(f"secure aggregation refused: {refusal}")
     from .runtime.checkpoint import check_output_dir
 
     with settings_errors():

@@ -44,6 +44,13 @@ def _privacy_section(guarantee: dict) -> list[str]:
         "adapter as a whole: the method's global model also averages factors the clients kept private, which "
         "were never noised"
     )
+    noise_by = guarantee.get("noise_added_by", "server")
+    server_note = (
+        "the server itself (it saw every client's upload before clipping and noise), "
+        if noise_by == "server"
+        else "a server that colludes with clients (it learns only the sum of the clipped, noised updates of at least "
+        "SecAgg+'s reconstruction threshold of clients, each adding its share of the noise), "
+    )
     return [
         "## Privacy",
         "",
@@ -54,10 +61,11 @@ def _privacy_section(guarantee: dict) -> list[str]:
         f"{guarantee['clients_per_round']} clients sampled (without replacement) from {guarantee['num_clients']} each "
         f"round, plus Gaussian noise of std {guarantee['noise_multiplier']:.4g} x clip / "
         f"{guarantee['clients_per_round']}",
+        f"- Noise added by: {noise_by}",
         f"- Accountant: {guarantee['accountant']}",
         f"- Covers: {covered}",
-        "- Does not cover: the server itself (it saw every client's upload before clipping and noise), which clients took "
-        "part in which round, their sample counts, and anything outside the model (logs, metrics)",
+        f"- Does not cover: {server_note}which clients took part in which round, their sample counts, and anything "
+        "outside the model (logs, metrics)",
         "",
     ]
 

@@ -32,7 +32,7 @@ from .secure import (
     is_secure_task,
     pack_secure_reply,
     secure_aggregation_mod,
-    secure_weight,
+    secure_contribution,
     unpack_secure_task,
 )
 from .server import serve
@@ -85,4 +85,8 @@ def node_train(message: Message, context: Context) -> Message:
         return Message(pack_reply(reply), reply_to=message)
     if reply.failure is not None:  # SecAgg+ drops a node that answers with an error and recovers its masks
         return _refuse(message, RuntimeError(f"client {reply.client_id} {reply.failure}"))
-    return Message(pack_secure_reply(reply, secure_weight(message.content)), reply_to=message)
+    try:
+        arrays = secure_contribution(reply, message.content, task.broadcast, runtime.trainer.strategy)
+    except MalformedMessageError as error:
+        return _refuse(message, error)
+    return Message(pack_secure_reply(reply, arrays), reply_to=message)

@@ -145,9 +145,13 @@ def _node_trainer_class():
     class NodeTrainer(FederatedTrainer):
         """The simulation's trainer over one node's data: its client executor is what the node runs."""
 
-        def __init__(self, *args: Any, client_id: str, **kwargs: Any) -> None:
+        def __init__(self, *args: Any, client_id: str, federation: tuple[int, int], **kwargs: Any) -> None:
             self.node_client_id = client_id
+            self.federation = federation
             super().__init__(*args, **kwargs)
+
+        def federation_size(self) -> tuple[int, int]:
+            return self.federation  # the run's, not this node's one client (client-level DP's noise depends on it)
 
         def client_dataset(self, client_id: str) -> Any:
             if client_id != self.node_client_id:
@@ -162,6 +166,7 @@ class NodeRuntime:
 
     def __init__(self, settings: Mapping[str, Any], node: NodeData) -> None:
         from ..runtime.pipeline import FederatedRunConfig, load_run
+        from ..runtime.trainer import resolve_clients_per_round
 
         self.node = node
         self.settings_digest = settings_digest(settings)
@@ -178,6 +183,9 @@ class NodeRuntime:
             # loader from holding a share out; the node never evaluates)
             overrides.update(dataset=node.data_path, dataset_kwargs={"eval_path": node.data_path}, num_clients=1,
                              partition="iid", client_eval_fraction=0.0, max_train_samples=None)  # fmt: skip
+        federation = FederatedRunConfig.from_dict(settings, source="the server's run settings")
+        num_clients = federation.data_args.num_clients
+        federation_size = (num_clients, resolve_clients_per_round(federation.training_args, num_clients))
         config = FederatedRunConfig.from_dict({**settings, **overrides}, source="the server's run settings")
         run = load_run(config, tokenize_clients=False, tokenize_eval=False)
         index = 0 if node.data_path is not None else int(node.client_id)
@@ -190,8 +198,9 @@ class NodeRuntime:
         args.clients_per_round = None
         args.client_fraction = None
         self.trainer = _node_trainer_class()(
-            model=run.model, args=args, client_datasets=[self.dataset], client_id=node.client_id, **run.trainer_kwargs()
-        )
+            model=run.model, args=args, client_datasets=[self.dataset], client_id=node.client_id,
+            federation=federation_size, **run.trainer_kwargs(),
+        )  # fmt: skip
         # constructing a trainer applies a method's initial backbone update (FRLoRA) to the model: the backbone's
         # version is unknown until the first task resets it (a node takes every update from the server)
         self.backbone_version: int | None = None

@@ -10,8 +10,18 @@ gives the sample-weighted mean of their uploads. Each client's record then carri
 so the strategy's usual aggregation of identical uploads with their weights gives back the mean: exactly the new
 server state of a method whose server step is the weighted mean of the uploads (FedIT, FFA-LoRA, FedSA-LoRA's
 shared ``A``; checked on the method's behaviour by :func:`~peft_fed.strategies.linearity.aggregates_weighted_mean`).
-Any other method is refused in one line before the first round, as is client-level DP (its clipping and noise need
-each update on the server; with secure aggregation the clients would have to add the noise).
+Any other method is refused in one line before the first round.
+
+With client-level DP (``dp_clip``) the clients add the noise (distributed DP, :class:`~peft_fed.privacy.mechanism.
+ClientNoise`): each one clips its own update (against the broadcast it started from) and adds Gaussian noise of std
+``z C / sqrt(k)``, where ``k`` is the round's SecAgg+ reconstruction threshold, the fewest clients whose sum the
+server can unmask; every client's SecAgg+ weight is then 1 (an unweighted sum), and one more coordinate, 1 if the
+client's update was clipped, makes the sum count the clipped clients without saying which. The server divides the
+sum by the round's cohort size and hands that noised mean to the DP strategy, which never adds noise itself. A client
+computes ``z`` from the run settings it was given (its own copy of the accountant), not from anything the server
+sends, and draws its noise from the operating system's entropy. ``secagg_clipping_range`` must then hold the noise:
+it is refused below ``clip + 9`` noise stds (at ``k = 2``), so that SecAgg+'s clipping of a coordinate, which the
+accounting does not cover, has probability below 1e-18 per coordinate.
 
 What still crosses the network in the clear: the client's metadata, losses and sample count (the weight), its
 participation, and the heads' and factors' *mean*. Quantisation: each coordinate is clipped to
@@ -52,7 +62,8 @@ from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECOR
 from flwr.server.workflow.constant import Key as WorkflowKey
 
 from ..engine import ClientRecord, ClientTask
-from ..state import LayerTensors, Upload
+from ..privacy.mechanism import secure_noise_generator
+from ..state import Broadcast, LayerTensors, Upload
 from ..strategies.base import Strategy
 from ..strategies.linearity import aggregates_weighted_mean
 from .records import (
@@ -71,26 +82,59 @@ from .settings import DeploymentArguments
 
 SECURE_TASK = "peft_fed.task"
 SECURE_WEIGHT = "peft_fed.weight"
+SECURE_NOISE_SHARES = "peft_fed.noise_shares"  # the round's reconstruction threshold, over which clients split the noise
+# With client-side DP noise, SecAgg+'s clipping range must reach this many noise stds beyond the clip (2 Phi(-9) is
+# 2.3e-19: a coordinate clipped by SecAgg+, which the accounting does not cover, practically never happens).
+NOISE_RANGE_STDS = 9.0
+SMALLEST_RECONSTRUCTION_THRESHOLD = 2  # Flower's SecAgg+ never unmasks fewer
 
 
 class SecureAggregationUnsupportedError(ValueError):
     """The run's method cannot be aggregated securely (its server needs more than the weighted mean)."""
 
 
-def secure_aggregation_refusal(strategy: Strategy) -> str | None:
-    """Why ``strategy`` cannot run with secure aggregation, or ``None``."""
-    if strategy.model_card_facts(1):  # client-level DP clips and noises each update on the server
-        return (
-            "client-level DP with secure aggregation needs the clients to clip and noise their own updates, which is "
-            "not supported yet: run DP without secure aggregation, or secure aggregation without DP"
-        )
-    if not aggregates_weighted_mean(strategy):
+def secure_aggregation_refusal(strategy: Strategy, deployment: DeploymentArguments) -> str | None:
+    """Why ``strategy`` cannot run with secure aggregation under ``deployment``'s SecAgg+ settings, or ``None``."""
+    noise = strategy.noise_on_clients()
+    if noise is not None:
+        needed = noise.clip + NOISE_RANGE_STDS * noise.noise_std(SMALLEST_RECONSTRUCTION_THRESHOLD)
+        if deployment.secagg_clipping_range < needed:
+            return (
+                f"secagg_clipping_range={deployment.secagg_clipping_range:g} would clip the clients' DP noise: set it "
+                f">= {needed:.4g} (dp_clip + {NOISE_RANGE_STDS:g} noise stds of a client when 2 share the noise)"
+            )
+    # (a client-level DP strategy exists only over a method that passed the same check on its own)
+    if noise is None and not aggregates_weighted_mean(strategy):
         return (
             f"{strategy.name}'s server needs more than the weighted mean of the uploads (it merges, or aggregates "
             "products or SVDs of the clients' factors), which is all secure aggregation reveals; use a method whose "
             "server step is the mean (FedIT, FFA-LoRA, FedSA-LoRA)"
         )
     return None
+
+
+def secure_aggregation_refusal_of_run(config: Any, deployment: DeploymentArguments) -> str | None:
+    """:func:`secure_aggregation_refusal` of a run's method and DP settings (a ``FederatedRunConfig``), checked
+    before any model loads or process starts: the method is built on the linearity probe's small layers."""
+    from ..runtime.trainer import resolve_clients_per_round
+    from ..strategies import build_strategy, canonical_method_name
+    from ..strategies.linearity import PROBE_SPECS
+
+    args = config.training_args
+    strategy = build_strategy(
+        canonical_method_name(args.method), PROBE_SPECS, overrides=args.method_kwargs, seed=args.seed,
+        num_rounds=args.num_rounds,
+    )  # fmt: skip
+    privacy = args.differential_privacy()
+    if privacy is not None:
+        from ..privacy import ClientLevelDPStrategy
+
+        num_clients = config.data_args.num_clients
+        strategy = ClientLevelDPStrategy(
+            strategy, privacy, num_clients=num_clients, num_rounds=args.num_rounds,
+            clients_per_round=resolve_clients_per_round(args, num_clients),
+        )  # fmt: skip
+    return secure_aggregation_refusal(strategy, deployment)
 
 
 # ------------------------------------------------------------------ the upload as one list of arrays
@@ -162,13 +206,30 @@ def secure_weight(content: RecordDict) -> float:
     return float(content.config_records["fitins.config"][SECURE_WEIGHT])
 
 
-def pack_secure_reply(reply: ReplyMessage, weight: float) -> RecordDict:
-    """The node's reply in the legacy ``FitRes`` layout SecAgg+'s client mod reads: the upload times ``weight`` as
-    arrays (which the mod replaces by their masked, quantised form before anything leaves the node) and the
-    metadata. SecAgg+'s own weight is 1 for every client: the weighting is done here, before quantisation."""
+def secure_contribution(reply: ReplyMessage, content: RecordDict, broadcast: Broadcast, strategy: Strategy):
+    """What this client adds to the round's secure sum: its upload times its weight; with client-level DP, its
+    clipped update plus its share of the noise, and 1 if it was clipped (see the module docstring)."""
+    noise = strategy.noise_on_clients()
+    if noise is None:
+        return [secure_weight(content) * array for array in upload_arrays(reply.upload)]
+    shares = int(content.config_records["fitins.config"][SECURE_NOISE_SHARES])
+    if not SMALLEST_RECONSTRUCTION_THRESHOLD <= shares <= strategy.clients_per_round:
+        raise MalformedMessageError(
+            f"the server asks the noise to be shared by {shares} clients, outside [2, clients_per_round="
+            f"{strategy.clients_per_round}]: refused (that would weaken the guarantee)"
+        )
+    contribution, clipped = noise.contribution(broadcast, reply.upload, shares, secure_noise_generator())
+    return upload_arrays(contribution) + [np.array([1.0 if clipped else 0.0])]
+
+
+def pack_secure_reply(reply: ReplyMessage, arrays: Sequence[np.ndarray]) -> RecordDict:
+    """The node's reply in the legacy ``FitRes`` layout SecAgg+'s client mod reads: its contribution to the secure
+    sum (:func:`secure_contribution`) as arrays, which the mod replaces by their masked, quantised form before
+    anything leaves the node, and the metadata. SecAgg+'s own weight is 1 for every client: any weighting is done
+    in the contribution, before quantisation."""
     fitres = FitRes(
         status=Status(code=Code.OK, message=""),
-        parameters=ndarrays_to_parameters([weight * array for array in upload_arrays(reply.upload)]),
+        parameters=ndarrays_to_parameters(list(arrays)),
         num_examples=1,
         metrics=dict(reply_metadata(pack_reply(reply, with_upload=False))),  # the plain reply's metadata, as is
     )
@@ -216,6 +277,17 @@ class _OneRoundStrategy(LegacyStrategy):
         return None
 
 
+class _NoiseSharingWorkflow(SecAggPlusWorkflow):
+    """SecAgg+ telling each client, with its task, the round's reconstruction threshold: Flower computes it in the
+    setup stage, before the tasks go out, and no sum of fewer clients can be unmasked."""
+
+    def setup_stage(self, grid, context, state) -> bool:
+        ready = super().setup_stage(grid, context, state)
+        for content in state.nid_to_fitins.values():
+            content.config_records["fitins.config"][SECURE_NOISE_SHARES] = int(state.threshold)
+        return ready
+
+
 def secure_round(
     grid: Any,
     nodes: Mapping[str, int],
@@ -227,16 +299,20 @@ def secure_round(
     run_digest: str,
     deployment: DeploymentArguments,
     num_samples: Mapping[str, int],
-) -> list[ClientRecord]:
-    """One round's client work under SecAgg+; every record of a client that took part carries the weighted mean of
-    the uploads (no record holds a client's own upload)."""
+) -> tuple[list[ClientRecord], dict[str, Any]]:
+    """One round's client work under SecAgg+, and the round's metrics: every record of a client that took part
+    carries the weighted mean of the uploads, or with client-level DP the noised mean of the clipped updates (no
+    record holds a client's own upload); with DP the metrics count the clipped clients."""
     from .records import client_metadata
 
+    noise = strategy.noise_on_clients()
     fit_instructions = {}
     client_of_node = {}
     reachable = [task for task in tasks if task.client_id in nodes]
     total = sum(num_samples[task.client_id] for task in reachable)
-    weights = {task.client_id: num_samples[task.client_id] / total for task in reachable}
+    weights = {  # DP: an unweighted sum (sample counts must not scale a client's sensitivity)
+        task.client_id: 1.0 if noise is not None else num_samples[task.client_id] / total for task in reachable
+    }
     for task in reachable:
         node = nodes[task.client_id]
         content = pack_task(TaskMessage(task.client_id, task.broadcast, client_metadata(task.client_state), dict(settings), run_digest))
@@ -258,7 +334,7 @@ def secure_round(
     context.state.config_records[MAIN_CONFIGS_RECORD] = ConfigRecord({WorkflowKey.CURRENT_ROUND: round_index + 1})
     context.state.array_records[MAIN_PARAMS_RECORD] = ArrayRecord()
     if len(fit_instructions) >= 2:
-        SecAggPlusWorkflow(
+        _NoiseSharingWorkflow(
             num_shares=deployment.secagg_num_shares,
             reconstruction_threshold=deployment.secagg_reconstruction_threshold,
             max_weight=1.0,  # every client's SecAgg+ weight is 1: the sample weights are applied before masking
@@ -268,12 +344,19 @@ def secure_round(
             timeout=deployment.round_timeout,
         )(grid, context)
     records: dict[str, ClientRecord] = {}
+    metrics: dict[str, Any] = {}
     if shim.results:
         # SecAgg+ returns the plain mean of the answering clients' weighted uploads: rescale it to their weighted mean
         answered = [client_of_node[proxy.node_id] for proxy, _ in shim.results]
         rescale = len(answered) / sum(weights[client] for client in answered)
         arrays = [rescale * array for array in parameters_to_ndarrays(shim.results[0][1].parameters)]
+        if noise is not None:  # rescale is 1: back from the mean of the contributions to their sum
+            *arrays, clipped = [len(answered) * array for array in arrays]
+            metrics["dp_clipped_clients"] = int(round(float(clipped.reshape(-1)[0])))
         layers, heads = mean_upload(arrays, upload_layout(strategy, extras), strategy.dtype)
+        if noise is not None:
+            private = noise.noised_mean_upload(tasks[0].broadcast, Upload("sum", 1, layers, heads), len(tasks))
+            layers, heads = private.layers, private.extras
         for proxy, fitres in shim.results:
             client = client_of_node[proxy.node_id]
             try:
@@ -286,5 +369,7 @@ def secure_round(
     why = "fewer than 2 clients with a node: secure aggregation needs 2" if len(fit_instructions) < 2 else (
         "sent no masked upload (dropped from the secure aggregation)"
     )
-    return [records.get(task.client_id) or ClientRecord(task.client_id, None, None, None, 0, failure=why) for task in tasks]
+    return [
+        records.get(task.client_id) or ClientRecord(task.client_id, None, None, None, 0, failure=why) for task in tasks
+    ], metrics
 

@@ -84,7 +84,7 @@ class FlowerClientExecutor:
         self.nodes: dict[str, int] = {}  # client id -> node id
         self.node_infos: dict[str, NodeInfo] = {}
         self._queried: set[int] = set()
-        self._round_bytes: dict[str, int] = {}
+        self._round_metrics: dict[str, int] = {}
 
     # ------------------------------------------------------------------ nodes
 
@@ -142,7 +142,7 @@ class FlowerClientExecutor:
     def messages(self, tasks: Sequence[ClientTask]) -> list[Message]:
         """One train message per task whose client has a node."""
         out = []
-        self._round_bytes = {"downlink_wire_bytes": 0, "uplink_wire_bytes": 0}
+        self._round_metrics = {"downlink_wire_bytes": 0, "uplink_wire_bytes": 0}
         for task in tasks:
             node = self.nodes.get(task.client_id)
             if node is None:
@@ -150,7 +150,7 @@ class FlowerClientExecutor:
             content = pack_task(
                 TaskMessage(task.client_id, task.broadcast, client_metadata(task.client_state), self.settings, self.run_digest)
             )
-            self._round_bytes["downlink_wire_bytes"] += serialized_nbytes(content)
+            self._round_metrics["downlink_wire_bytes"] += serialized_nbytes(content)
             out.append(Message(content=content, dst_node_id=node, message_type=TRAIN))
         return out
 
@@ -181,7 +181,7 @@ class FlowerClientExecutor:
 
         if reply.has_error():
             return failed(f"failed: {reply.error.reason}")
-        self._round_bytes["uplink_wire_bytes"] = self._round_bytes.get("uplink_wire_bytes", 0) + serialized_nbytes(reply.content)
+        self._round_metrics["uplink_wire_bytes"] = self._round_metrics.get("uplink_wire_bytes", 0) + serialized_nbytes(reply.content)
         try:
             message = unpack_reply(reply.content)
         except (ProtocolMismatchError, MalformedMessageError) as error:
@@ -216,19 +216,23 @@ class FlowerClientExecutor:
     def _secure_round(self, round_index: int, tasks: Sequence[ClientTask]) -> list[ClientRecord]:
         from .secure import secure_round
 
-        self._round_bytes = {}
+        self._round_metrics = {}
         broadcast = tasks[0].broadcast if tasks else None
         extras = broadcast.extras if broadcast is not None else {}
         samples = {client: info.num_samples for client, info in self.node_infos.items()}
-        return secure_round(self.grid, self.nodes, tasks, round_index, self.strategy, extras, self.settings,
-                            self.run_digest, self.deployment, samples)  # fmt: skip
+        records, self._round_metrics = secure_round(
+            self.grid, self.nodes, tasks, round_index, self.strategy, extras, self.settings, self.run_digest,
+            self.deployment, samples,
+        )  # fmt: skip
+        return records
 
     def apply_backbone_update(self, update: Mapping[str, LowRank]) -> None:
         peft_bridge.add_to_base_weights(self.model, update)
 
     def executor_metrics(self) -> dict[str, int]:
-        """Bytes of the round's train messages as serialised for the wire (protobuf)."""
-        return dict(self._round_bytes)
+        """Bytes of the round's train messages as serialised for the wire (protobuf); under secure aggregation with
+        client-level DP, the number of clients whose update was clipped (the secure sum counts them)."""
+        return dict(self._round_metrics)
 
 
 class FederatedLoraStrategy(FlowerStrategy):
@@ -320,9 +324,11 @@ def serve(grid: Grid, run_config: Mapping[str, Any]):
     if deployment.secure_aggregation:
         from .secure import SecureAggregationUnsupportedError, secure_aggregation_refusal
 
-        refusal = secure_aggregation_refusal(trainer.strategy)
+        refusal = secure_aggregation_refusal(trainer.strategy, deployment)
         if refusal is not None:
             raise SecureAggregationUnsupportedError(refusal)
+        if trainer.strategy.noise_on_clients() is not None:  # client-level DP: the clients clip and noise
+            trainer.strategy.expect_noise_from_clients()
     identity = {"fingerprint": trainer.run_record()["fingerprint"], "output_dir": str(Path(args.output_dir).absolute())}
     executor.run_digest = settings_digest(identity)
     return train_and_export(trainer, run)

@@ -3,23 +3,41 @@
 A client's *update* is what it uploads minus what the server holds for those tensors (``ServerState.layers`` for the
 method's :attr:`~peft_fed.strategies.Strategy.uploaded` tensors, ``ServerState.extras`` for the heads), flattened
 into one vector per client; its L2 norm over all layers, factors and heads together is what is clipped.
+
+Two places add the noise. Central DP (:func:`noised_mean`): the server clips every update it received and adds
+``N(0, (z C)^2)`` to their sum once. Distributed DP (:class:`ClientNoise`, for secure aggregation, where the server
+only ever sees the sum): each client clips its own update, measured against the broadcast it started from (which
+holds the server's tensors), and adds ``N(0, (z C)^2 / k)``, where ``k`` is the fewest clients whose sum the server
+can ever unmask (SecAgg+'s reconstruction threshold); any sum the server learns then carries noise of variance at
+least ``(z C)^2``, the central mechanism's, whoever dropped out.
 """
 
 from __future__ import annotations
 
+import math
+import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 import torch
 
-from ..state import ServerState, Upload
+from ..state import LayerTensors, Upload
 
 # One update as the flat list of (where, tensor) pairs in a fixed order: ("layer", name, key) or ("extra", key).
 UpdateParts = list[tuple[tuple[str, ...], torch.Tensor]]
 
 
-def upload_update(state: ServerState, upload: Upload, uploaded: Sequence[str]) -> UpdateParts:
+class HoldsServerTensors(Protocol):
+    """What an update is measured against: the server's state, or the broadcast a client started from (which
+    carries the server's tensors of every uploaded factor and head)."""
+
+    layers: LayerTensors
+    extras: dict[str, torch.Tensor]
+
+
+def upload_update(state: HoldsServerTensors, upload: Upload, uploaded: Sequence[str]) -> UpdateParts:
     """``upload - state`` for every uploaded tensor and every head, in float64, in a fixed order."""
     parts: UpdateParts = []
     for name in sorted(state.layers):
@@ -81,6 +99,73 @@ def noised_mean(
         for tensor in total
     ]
     return NoisedMean([(where, t) for (where, _), t in zip(updates[0], mean, strict=True)], norms, clip)
+
+
+def parts_as_upload(parts: UpdateParts, client_id: str, reference: HoldsServerTensors | None = None) -> Upload:
+    """The update as an :class:`Upload` of the method (``reference + parts`` when a reference is given, the update
+    itself otherwise), each tensor in its reference's dtype (float64 without one)."""
+    layers: LayerTensors = {}
+    extras: dict[str, torch.Tensor] = {}
+    for where, delta in parts:
+        if where[0] == "layer":
+            _, name, key = where
+            base = None if reference is None else reference.layers[name][key]
+            target = layers.setdefault(name, {})
+            target[key] = delta if base is None else (base.double() + delta).to(base.dtype)
+        else:
+            base = None if reference is None else reference.extras[where[1]]
+            extras[where[1]] = delta if base is None else (base.double() + delta).to(base.dtype)
+    return Upload(client_id=client_id, num_samples=1, layers=layers, extras=extras)
+
+
+@dataclass(frozen=True)
+class ClientNoise:
+    """Client-level DP with the noise added by the clients (distributed DP, for secure aggregation).
+
+    Each client sends :meth:`contribution`: its update clipped to ``clip`` plus Gaussian noise of std
+    ``noise_multiplier * clip / sqrt(k)``; the server, knowing only the sum of the contributions, takes
+    :meth:`noised_mean_upload`: its tensors plus that sum over the round's cohort size ``m``. With at least ``k``
+    contributions the sum's noise has std at least ``noise_multiplier * clip``: the central mechanism's or more.
+    """
+
+    clip: float
+    noise_multiplier: float
+    uploaded: tuple[str, ...]
+
+    def noise_std(self, contributors: int) -> float:
+        """The std of the noise one client adds when the server can unmask sums of ``contributors`` or more."""
+        if contributors < 1:
+            raise ValueError(f"the noise is shared by at least one client, got {contributors}")
+        return self.noise_multiplier * self.clip / math.sqrt(contributors)
+
+    def contribution(
+        self, broadcast: HoldsServerTensors, upload: Upload, contributors: int, generator: torch.Generator
+    ) -> tuple[Upload, bool]:
+        """The client's clipped, noised update (as an :class:`Upload` of update tensors) and whether it was clipped."""
+        clipped, norm = clip_update(upload_update(broadcast, upload, self.uploaded), self.clip)
+        std = self.noise_std(contributors)
+        noised = [
+            (where, tensor + std * torch.randn(tensor.shape, generator=generator, dtype=torch.float64))
+            for where, tensor in clipped
+        ]
+        return parts_as_upload(noised, upload.client_id), norm > self.clip
+
+    def noised_mean_upload(self, broadcast: HoldsServerTensors, summed: Upload, cohort_size: int) -> Upload:
+        """The server's tensors plus the sum of the contributions over ``cohort_size``, as one upload of the method."""
+        parts: UpdateParts = [
+            (("layer", name, key), summed.layers[name][key].double() / cohort_size)
+            for name in sorted(summed.layers)
+            for key in self.uploaded
+        ]
+        parts += [(("extra", key), summed.extras[key].double() / cohort_size) for key in sorted(summed.extras)]
+        return parts_as_upload(parts, "dp_noised_mean", broadcast)
+
+
+def secure_noise_generator() -> torch.Generator:
+    """A noise stream seeded from the operating system's entropy: a client's noise must be unknown to the server
+    (a seed it could replay would cancel it). Sampling stays torch's, so floating-point attacks on Gaussian
+    sampling (Mironov 2012) are not ruled out; docs/privacy.md says so."""
+    return torch.Generator().manual_seed(secrets.randbits(63))
 
 
 def noise_generator(seed: int, round_index: int) -> torch.Generator:

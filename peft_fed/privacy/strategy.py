@@ -21,11 +21,11 @@ from typing import Any
 import torch
 
 from ..linalg import LowRank
-from ..state import Broadcast, ClientStart, ClientState, LayerTensors, ServerState, Upload
+from ..state import Broadcast, ClientStart, ClientState, ServerState, Upload
 from ..strategies.base import AggregationResult, GradientFn, NoValidUploadsError, Strategy
 from ..strategies.linearity import PROBE_SPECS, aggregates_weighted_mean, probe_server, probe_strategy
 from .accountant import calibrate_noise_multiplier, epsilon_after
-from .mechanism import noise_generator, noised_mean, upload_update
+from .mechanism import ClientNoise, noise_generator, noised_mean, parts_as_upload, upload_update
 from .settings import ClientLevelDPSettings
 
 
@@ -90,6 +90,7 @@ class PrivacyGuarantee:
     clients_per_round: int
     rounds: int
     covers_global_model: bool
+    noise_added_by: str = "server"
     unit: str = "one client (all of its data, in every round it takes part in)"
     accountant: str = (
         "dp-accounting RDP, fixed-size sampling without replacement, replace-one neighbours (sensitivity 2 x clip)"
@@ -161,6 +162,16 @@ class ClientLevelDPStrategy(Strategy):
                 f"{num_clients} clients): raise dp_noise_multiplier, or lower num_rounds or clients_per_round"
             )
         self.covers_global_model = not global_model_reads_client_states(inner)
+        self.noise_added_by_clients = False
+
+    def expect_noise_from_clients(self) -> None:
+        """Aggregate as under secure aggregation with distributed DP: each upload the server is given is already
+        the round's noised mean (the clients clipped and noised their own updates, :meth:`noise_on_clients`; the
+        server only learned their sum), so it is handed to the inner method as it is."""
+        self.noise_added_by_clients = True
+
+    def noise_on_clients(self) -> ClientNoise:
+        return ClientNoise(self.settings.clip, self.noise_multiplier, tuple(self.uploaded))
 
     # ------------------------------------------------------------------ privacy facts
 
@@ -180,6 +191,7 @@ class ClientLevelDPStrategy(Strategy):
             epsilon=self.epsilon_after(rounds), delta=self.delta, noise_multiplier=self.noise_multiplier,
             clip=self.settings.clip, num_clients=self.num_clients, clients_per_round=self.clients_per_round,
             rounds=rounds, covers_global_model=self.covers_global_model,
+            noise_added_by="clients (secure aggregation)" if self.noise_added_by_clients else "server",
         )  # fmt: skip
 
     def follows_run_length(self) -> str | None:
@@ -216,14 +228,23 @@ class ClientLevelDPStrategy(Strategy):
                 f"round {state.round}: no valid upload to aggregate "
                 f"({'; '.join(f'{c}: {r}' for c, r in dropped) or 'no uploads'}); the server state is unchanged"
             )
-        mean = noised_mean(
-            [upload_update(state, upload, self.uploaded) for upload in valid],
-            clip=self.settings.clip,
-            noise_multiplier=self.noise_multiplier,
-            cohort_size=self.clients_per_round,
-            generator=noise_generator(self.seed, state.round),
-        )
-        private_upload = self._as_upload(state, mean.parts)
+        if self.noise_added_by_clients:
+            # the server never sees an update: the secure round's executor counts the clipped clients
+            private_upload = self._secure_noised_mean(valid)
+            statistics_of_round = {"dp_clipped_clients": None, "dp_median_update_norm": None}
+        else:
+            mean = noised_mean(
+                [upload_update(state, upload, self.uploaded) for upload in valid],
+                clip=self.settings.clip,
+                noise_multiplier=self.noise_multiplier,
+                cohort_size=self.clients_per_round,
+                generator=noise_generator(self.seed, state.round),
+            )
+            private_upload = parts_as_upload(mean.parts, "dp_noised_mean", state)
+            statistics_of_round = {
+                "dp_clipped_clients": mean.clipped_clients,
+                "dp_median_update_norm": statistics.median(mean.norms),
+            }
         result = self.inner.aggregate(state, [private_upload])
         epsilon = self.epsilon_after(state.round + 1)
         return dataclasses.replace(
@@ -236,24 +257,29 @@ class ClientLevelDPStrategy(Strategy):
                 "dp_delta": self.delta,
                 "dp_noise_multiplier": self.noise_multiplier,
                 "dp_clip": self.settings.clip,
-                "dp_clipped_clients": mean.clipped_clients,
-                "dp_median_update_norm": statistics.median(mean.norms),
+                **statistics_of_round,
             },
         )
 
-    def _as_upload(self, state: ServerState, parts) -> Upload:
-        """The server's tensors plus the noised mean update, as one upload of the inner method."""
-        layers: LayerTensors = {name: {} for name in state.layers}
-        extras: dict[str, torch.Tensor] = {}
-        for where, delta in parts:
-            if where[0] == "layer":
-                _, name, key = where
-                reference = state.layers[name][key]
-                layers[name][key] = (reference.double() + delta).to(reference.dtype)
-            else:
-                reference = state.extras[where[1]]
-                extras[where[1]] = (reference.double() + delta).to(reference.dtype)
-        return Upload(client_id="dp_noised_mean", num_samples=1, layers=layers, extras=extras)
+    @staticmethod
+    def _secure_noised_mean(valid: Sequence[Upload]) -> Upload:
+        """The one noised mean every record of a secure round carries; anything else means a client's own upload
+        reached this code, which distributed DP must never aggregate without its noise."""
+        first = valid[0]
+        for upload in valid[1:]:
+            same = upload.layers.keys() == first.layers.keys() and all(
+                upload.layers[name].keys() == first.layers[name].keys()
+                and all(torch.equal(upload.layers[name][key], first.layers[name][key]) for key in first.layers[name])
+                for name in first.layers
+            ) and upload.extras.keys() == first.extras.keys() and all(
+                torch.equal(upload.extras[key], first.extras[key]) for key in first.extras
+            )  # fmt: skip
+            if not same:
+                raise ValueError(
+                    "client-level DP with noise from the clients expects every upload to be the securely aggregated "
+                    f"noised mean, but {upload.client_id}'s differs from {first.client_id}'s"
+                )
+        return first
 
     def _aggregate_layers(self, state, uploads, weights):
         return self.inner._aggregate_layers(state, uploads, weights)

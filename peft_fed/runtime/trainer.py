@@ -106,6 +106,21 @@ _FREE_SETTINGS = (
 _DERIVED_FINGERPRINT = ("adapted_layers", "trainable_heads", "initial_weights", "client_data", "eval_data")
 
 
+def resolve_clients_per_round(args: FederatedTrainingArguments, num_clients: int) -> int:
+    """How many of ``num_clients`` clients a round samples: ``clients_per_round``, else ``client_fraction`` of them,
+    else all."""
+    if args.clients_per_round is not None:
+        if args.clients_per_round > num_clients:
+            raise ValueError(
+                f"clients_per_round={args.clients_per_round} is more than the {num_clients} clients "
+                "(set clients_per_round=None to train every client each round)"
+            )
+        return args.clients_per_round
+    if args.client_fraction is not None:
+        return max(1, round(args.client_fraction * num_clients))
+    return num_clients
+
+
 class FederatedTrainer(Trainer):
     """Federated LoRA fine-tuning with the Trainer's machinery for each client's local training.
 
@@ -260,16 +275,12 @@ class FederatedTrainer(Trainer):
     # ------------------------------------------------------------------ setup
 
     def _resolve_clients_per_round(self, args: FederatedTrainingArguments) -> int:
-        if args.clients_per_round is not None:
-            if args.clients_per_round > self.num_clients:
-                raise ValueError(
-                    f"clients_per_round={args.clients_per_round} is more than the {self.num_clients} clients "
-                    "(set clients_per_round=None to train every client each round)"
-                )
-            return args.clients_per_round
-        if args.client_fraction is not None:
-            return max(1, round(args.client_fraction * self.num_clients))
-        return self.num_clients
+        return resolve_clients_per_round(args, self.num_clients)
+
+    def federation_size(self) -> tuple[int, int]:
+        """``(N, m)``: the federation's clients and how many a round samples, what the privacy accountant counts. A
+        process that trains only part of the federation (a deployment's node) gives the whole federation's."""
+        return self.num_clients, self.clients_per_round
 
     def _build_strategy(self, model: torch.nn.Module, args: FederatedTrainingArguments) -> Strategy:
         """``args.method`` with the hyperparameters of the model's typed PEFT config, overridden by
@@ -296,10 +307,10 @@ class FederatedTrainer(Trainer):
             return strategy
         from ..privacy import ClientLevelDPStrategy
 
+        num_clients, clients_per_round = self.federation_size()
         return ClientLevelDPStrategy(
-            strategy, privacy, num_clients=self.num_clients, clients_per_round=self.clients_per_round,
-            num_rounds=args.num_rounds,
-        )  # fmt: skip
+            strategy, privacy, num_clients=num_clients, clients_per_round=clients_per_round, num_rounds=args.num_rounds
+        )
 
     def _take_over_per_step_settings(self) -> None:
         """Saving, logging and evaluation happen per round (the engine), not per step inside a client's

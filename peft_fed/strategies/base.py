@@ -23,7 +23,7 @@ import numbers
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import torch
 
@@ -39,6 +39,9 @@ from ..state import (
     sample_weights,
 )
 from .hyperparameters import NoHyperparameters
+
+if TYPE_CHECKING:
+    from ..privacy.mechanism import ClientNoise
 
 logger = logging.getLogger(__name__)
 
@@ -234,6 +237,12 @@ class Strategy(ABC):
         """What the exported adapter's model card must state about this method after ``rounds`` rounds (a
         privacy guarantee); nothing for a plain method."""
         return {}
+
+    def noise_on_clients(self) -> ClientNoise | None:
+        """Under secure aggregation, the :class:`~peft_fed.privacy.mechanism.ClientNoise` with which each client
+        clips and noises its own update (client-level DP, whose server never sees one update), or ``None``: the
+        clients send their weighted uploads as they are."""
+        return None
 
     def follows_run_length(self) -> str | None:
         """What of this method follows the run's length ``num_rounds`` (a schedule over rounds), as a short

@@ -17,6 +17,9 @@ from peft_fed.cli import main  # noqa: E402
         (["--min_replies", "0"], "min_replies must be >= 1, got 0"),
         (["--round_timeout", "-5"], "round_timeout must be > 0, got -5.0"),
         (["--method", "fedit", "--zeta", "0.5"], "zeta"),
+        (["--method", "flexlora", "--secure_aggregation"], "secure aggregation refused: flexlora's server needs more"),
+        (["--method", "fedit", "--secure_aggregation", "--dp_clip", "1", "--dp_noise_multiplier", "2"],
+         "secure aggregation refused: secagg_clipping_range=8 would clip the clients' DP noise: set it >= 13.7"),
     ],
 )
 def test_deploy_refuses_bad_settings_in_one_line(argv, message, tmp_path, capsys):

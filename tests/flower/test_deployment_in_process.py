@@ -219,3 +219,75 @@ def test_secure_aggregation_refuses_a_method_whose_server_needs_more_than_the_me
     settings = small_settings(model, "flexlora", tmp_path / "deployed", num_rounds=1, node_wait=5, secure_aggregation=True)
     with pytest.raises(SecureAggregationUnsupportedError, match="needs more than the weighted mean of the uploads"):
         serve(InProcessGrid(_nodes(tmp_path, 2)), settings)
+
+
+def _secure_dp_settings(model, tmp_path, **dp):
+    return small_settings(model, "fedit", tmp_path / "sim", num_clients=3, clients_per_round=3, num_rounds=1,
+                          dp_clip=0.01, **dp)  # fmt: skip
+
+
+def _layer_tensors(result) -> torch.Tensor:
+    tensors, _ = result["state"].state_dict()
+    return torch.cat([tensors[name].double().flatten() for name in sorted(tensors)])
+
+
+def test_dp_with_secure_aggregation_is_the_central_mechanism_and_the_server_never_holds_one_update(
+    model, tmp_path, monkeypatch
+):
+    """With z = 0 the clients' clipping under SecAgg+ gives the central DP aggregation (the server clipping) within
+    SecAgg+'s quantisation error; the strategy is only ever handed the aggregate; the clipped clients are counted."""
+    from peft_fed.privacy import ClientLevelDPStrategy
+
+    received = []
+    original = ClientLevelDPStrategy.aggregate
+
+    def spy(self, state, uploads):
+        received.append([u.layers for u in uploads])
+        return original(self, state, uploads)
+
+    monkeypatch.setattr(ClientLevelDPStrategy, "aggregate", spy)
+    settings = _secure_dp_settings(model, tmp_path, dp_noise_multiplier=0.0)
+    simulated = simulate(settings)  # central DP: the server clips each update
+    assert simulated["history"][0]["dp_clipped_clients"] == 3  # (the clip is small enough to bite)
+    received.clear()
+    serve(InProcessGrid(_nodes(tmp_path, 3)),
+          {**settings, "output_dir": str(tmp_path / "deployed"), "node_wait": 5, "secure_aggregation": True})  # fmt: skip
+    deployed = deployed_result(tmp_path / "deployed")
+    # each client's contribution is quantised with a step of 2 * 8 / 2**22; the mean of 3 is off by under 3 steps
+    step = 2 * 8.0 / 2**22
+    assert_same_result(deployed, simulated, atol=3 * step)
+    row = deployed["history"][0]
+    assert row["dp_clipped_clients"] == 3 and row["dp_median_update_norm"] is None and row["dp_clip"] == 0.01
+    card = (tmp_path / "deployed" / "final" / "README.md").read_text()
+    assert "Noise added by: clients (secure aggregation)" in card and "the server itself" not in card
+    (uploads,) = received  # the server's strategy saw the one noised mean, once per client that took part
+    assert len(uploads) == 3 and all(
+        torch.equal(u[name][key], uploads[0][name][key]) for u in uploads[1:] for name in u for key in u[name]
+    )
+
+
+def test_dp_with_secure_aggregation_adds_the_noise_on_the_clients_at_the_stated_scale(model, tmp_path):
+    """The clients' noise shares make the aggregate's noise std ``z C sqrt(n / k) / m`` per coordinate (n = 3
+    answering clients, k = 2 = SecAgg+'s threshold for 3, m = 3 sampled): at least the central ``z C / m``."""
+    clip, z = 0.01, 2.0
+    serve(InProcessGrid(_nodes(tmp_path / "a", 3)),
+          {**_secure_dp_settings(model, tmp_path, dp_noise_multiplier=0.0), "output_dir": str(tmp_path / "clip-only"),
+           "node_wait": 5, "secure_aggregation": True})  # fmt: skip
+    serve(InProcessGrid(_nodes(tmp_path / "b", 3)),
+          {**_secure_dp_settings(model, tmp_path, dp_noise_multiplier=z), "output_dir": str(tmp_path / "noised"),
+           "node_wait": 5, "secure_aggregation": True})  # fmt: skip
+    noise = _layer_tensors(deployed_result(tmp_path / "noised")) - _layer_tensors(deployed_result(tmp_path / "clip-only"))
+    expected = z * clip * (3 / 2) ** 0.5 / 3
+    assert noise.numel() > 2000
+    assert abs(float(noise.std()) / expected - 1) < 0.05, (float(noise.std()), expected)
+    assert abs(float(noise.mean())) < 4 * expected / noise.numel() ** 0.5
+    assert abs(float(noise.std()) / (z * clip / 3) - 1) > 0.15  # the central scale (no share) would be told apart
+
+
+def test_dp_with_secure_aggregation_refuses_a_clipping_range_that_would_clip_the_noise(model, tmp_path):
+    from peft_fed.flower.secure import SecureAggregationUnsupportedError
+
+    settings = {**_secure_dp_settings(model, tmp_path, dp_noise_multiplier=2.0), "dp_clip": 1.0, "node_wait": 5,
+                "secure_aggregation": True, "output_dir": str(tmp_path / "deployed")}  # fmt: skip
+    with pytest.raises(SecureAggregationUnsupportedError, match=r"secagg_clipping_range=8 would clip .* >= 13\.7"):
+        serve(InProcessGrid(_nodes(tmp_path, 3)), settings)

@@ -110,3 +110,29 @@ def test_malformed_messages_are_refused():
     content[records._META] = ConfigRecord({"protocol": records.PROTOCOL, "body": json.dumps(body)})
     with pytest.raises(MalformedMessageError, match="malformed"):
         records.unpack_task(content)
+
+
+@pytest.mark.parametrize("shares", [1, 5])
+def test_a_node_refuses_to_share_its_dp_noise_among_fewer_than_2_or_more_than_the_cohort(specs, shares):
+    """The number of clients a node's noise is split over comes from the server; a value that would shrink the
+    noise below the guarantee (1 share is fine only for central noise; more shares than sampled clients) is refused."""
+    pytest.importorskip("dp_accounting")
+    from flwr.app import RecordDict
+
+    from peft_fed.flower.records import MalformedMessageError, ReplyMessage
+    from peft_fed.flower.secure import SECURE_NOISE_SHARES, secure_contribution
+    from peft_fed.privacy import ClientLevelDPSettings, ClientLevelDPStrategy
+    from peft_fed.strategies import get_strategy
+
+    strategy = ClientLevelDPStrategy(get_strategy("fedit", specs, dtype=torch.float64), ClientLevelDPSettings(1.0, 1.0),
+                                     num_clients=10, clients_per_round=4, num_rounds=2)  # fmt: skip
+    state, _ = strategy.init_server()
+    broadcast = strategy.configure(state)
+    upload = Upload("0", 5, {name: {key: broadcast.layers[name][key] + 1 for key in strategy.uploaded} for name in specs})
+    content = RecordDict({"fitins.config": ConfigRecord({SECURE_NOISE_SHARES: shares})})
+    reply = ReplyMessage("0", upload, None, num_samples=5)
+    with pytest.raises(MalformedMessageError, match=f"shared by {shares} clients, outside \\[2, clients_per_round=4\\]"):
+        secure_contribution(reply, content, broadcast, strategy)
+    content = RecordDict({"fitins.config": ConfigRecord({SECURE_NOISE_SHARES: 2})})
+    arrays = secure_contribution(reply, content, broadcast, strategy)
+    assert arrays[-1].tolist() == [1.0]  # clipped: the update of norm sqrt(numel) > 1 was clipped

@@ -114,3 +114,61 @@ def test_more_updates_than_the_cohort_are_refused():
     parts = [(("x",), torch.ones(2, dtype=torch.float64))]
     with pytest.raises(ValueError, match="3 updates for a round that samples 2 clients"):
         noised_mean([parts] * 3, clip=1.0, noise_multiplier=1.0, cohort_size=2, generator=torch.Generator())
+
+
+# ------------------------------------------------------------------ noise added by the clients (secure aggregation)
+
+
+@pytest.mark.parametrize("method", ["fedit", "ffa_lora", "fedsa_lora"])
+def test_client_noise_sums_to_the_central_mechanism_with_the_noise_shared_by_k_clients(dp_strategy, specs, method):
+    """Each client clips against the broadcast it started from; the server's noised mean from the sum of the
+    contributions is the central aggregation's (z = 0), and with noise the sum's std is z C sqrt(n / k)."""
+    clip, cohort = 0.5, 4
+    strategy = dp_strategy(method, clip=clip, noise_multiplier=0.0, clients_per_round=cohort)
+    state, _ = strategy.init_server(extras=head())
+    broadcast = strategy.configure(state)
+    uploads = random_uploads(strategy, state, 3, scale=1.0, seed=5)
+    noise = strategy.noise_on_clients()
+    contributions = [noise.contribution(broadcast, u, 2, torch.Generator()) for u in uploads]
+    assert [clipped for _, clipped in contributions] == [True, True, True]
+    for contribution, _ in contributions:
+        assert update_norm(upload_update(_zeros_like(contribution), contribution, strategy.uploaded)) <= clip * (1 + 1e-12)
+    summed = _sum_uploads([c for c, _ in contributions])
+    private = noise.noised_mean_upload(broadcast, summed, cohort)
+    central = strategy.aggregate(state, uploads)  # the server clipping (z = 0), 3 of the 4 sampled answered
+    ours = strategy.inner.aggregate(state, [private]).state
+    torch.testing.assert_close(_delta(strategy, state, ours), _delta(strategy, state, central.state), rtol=1e-12, atol=1e-14)
+
+    z, k, n = 3.0, 2, 3
+    noisy = dp_strategy(method, clip=clip, noise_multiplier=z, clients_per_round=cohort).noise_on_clients()
+    generator = torch.Generator().manual_seed(11)
+    noise_only = torch.cat([  # the noise of 80 rounds' sums
+        _flat(_sum_uploads([noisy.contribution(broadcast, u, k, generator)[0] for u in uploads]), strategy)
+        - _flat(summed, strategy)
+        for _ in range(80)
+    ])
+    expected = z * clip * math.sqrt(n / k)
+    assert noise_only.numel() > 4000
+    assert abs(float(noise_only.std()) / expected - 1) < 0.05
+    assert float(noise_only.std()) > z * clip  # at least the central mechanism's noise on the sum
+    with pytest.raises(ValueError, match="at least one client"):
+        noisy.noise_std(0)
+
+
+def _zeros_like(upload):
+    from peft_fed.state import Upload
+
+    return Upload("0", 1, {n: {k: torch.zeros_like(t) for k, t in ts.items()} for n, ts in upload.layers.items()},
+                  {k: torch.zeros_like(t) for k, t in upload.extras.items()})  # fmt: skip
+
+
+def _sum_uploads(uploads):
+    from peft_fed.state import Upload
+
+    first = uploads[0]
+    layers = {n: {k: sum(u.layers[n][k] for u in uploads) for k in ts} for n, ts in first.layers.items()}
+    return Upload("sum", 1, layers, {k: sum(u.extras[k] for u in uploads) for k in first.extras})
+
+
+def _flat(upload, strategy):
+    return torch.cat([t.flatten() for _, t in upload_update(_zeros_like(upload), upload, strategy.uploaded)])
