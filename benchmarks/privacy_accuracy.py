@@ -183,7 +183,11 @@ def _plot(summary: dict[str, Any], path: Path) -> None:
                 ax.axhline(row["final_accuracy"]["mean"], color=line[0].get_color(), linestyle=style, linewidth=1,
                            label=f"{method} ({'no DP' if row['level'] == 'none' else 'clip only, z=0'})")  # fmt: skip
     ax.axhline(CHANCE_ACCURACY, color="grey", linestyle="--", linewidth=1, label="chance (4-way)")
-    ax.set_xscale("log")
+    if any(row["epsilon"] is not None for row in summary["rows"]):  # (a grid of clip-only runs has no epsilon axis)
+        ax.set_xscale("log")
+    s = summary["settings"]
+    ax.set_title(f"{s['num_clients']} clients, {s['clients_per_round']} per round, {s['num_rounds']} rounds, "
+                 f"C = {summary['clip']:g}, {len(summary['seeds'])} seeds", fontsize=9)  # fmt: skip
     ax.set_xlabel("epsilon after the run")
     ax.set_ylabel("final eval accuracy")
     ax.legend(fontsize=7)

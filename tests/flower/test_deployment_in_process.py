@@ -182,17 +182,23 @@ def test_a_node_with_its_own_data_file_trains_as_that_client(model, tmp_path):
     assert_same_result(deployed, simulated)
 
 
-def test_secure_aggregation_gives_the_mean_and_the_server_never_holds_one_upload(model, tmp_path, monkeypatch):
-    from peft_fed.strategies.fedit import FedIT
-
+def _uploads_aggregated_by(strategy_class, monkeypatch) -> list:
+    """Every call's uploads (their layers) that ``strategy_class.aggregate`` is handed from now on."""
     received = []
-    original = FedIT.aggregate
+    original = strategy_class.aggregate
 
     def spy(self, state, uploads):
         received.append([u.layers for u in uploads])
         return original(self, state, uploads)
 
-    monkeypatch.setattr(FedIT, "aggregate", spy)
+    monkeypatch.setattr(strategy_class, "aggregate", spy)
+    return received
+
+
+def test_secure_aggregation_gives_the_mean_and_the_server_never_holds_one_upload(model, tmp_path, monkeypatch):
+    from peft_fed.strategies.fedit import FedIT
+
+    received = _uploads_aggregated_by(FedIT, monkeypatch)
     settings = small_settings(model, "fedit", tmp_path / "sim", num_clients=3, clients_per_round=3, num_rounds=1)
     simulated = simulate(settings)
     received.clear()
@@ -238,14 +244,7 @@ def test_dp_with_secure_aggregation_is_the_central_mechanism_and_the_server_neve
     SecAgg+'s quantisation error; the strategy is only ever handed the aggregate; the clipped clients are counted."""
     from peft_fed.privacy import ClientLevelDPStrategy
 
-    received = []
-    original = ClientLevelDPStrategy.aggregate
-
-    def spy(self, state, uploads):
-        received.append([u.layers for u in uploads])
-        return original(self, state, uploads)
-
-    monkeypatch.setattr(ClientLevelDPStrategy, "aggregate", spy)
+    received = _uploads_aggregated_by(ClientLevelDPStrategy, monkeypatch)
     settings = _secure_dp_settings(model, tmp_path, dp_noise_multiplier=0.0)
     simulated = simulate(settings)  # central DP: the server clips each update
     assert simulated["history"][0]["dp_clipped_clients"] == 3  # (the clip is small enough to bite)

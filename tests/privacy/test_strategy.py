@@ -3,6 +3,8 @@ clients' side is untouched."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from privacy_helpers import head, random_uploads
@@ -106,3 +108,23 @@ def test_run_settings_refuse_bad_dp_values_before_anything_loads(arguments, mess
     with pytest.raises(ValueError, match=message):
         FederatedArguments(method="fedit", **arguments)
     assert FederatedArguments(method="fedit").differential_privacy() is None
+
+
+def test_with_noise_from_the_clients_the_server_aggregates_the_secure_mean_as_it_is_and_refuses_anything_else(dp_strategy):
+    """Under secure aggregation every record carries the one noised mean: the wrapper hands it to the method
+    unchanged (no second clipping or noise); a record holding anything else (a client's own upload) is refused."""
+    strategy = dp_strategy(clip=0.5, noise_multiplier=1.0, clients_per_round=3)
+    strategy.expect_noise_from_clients()
+    state, _ = strategy.init_server()
+    (secure_mean,) = random_uploads(strategy, state, 1, scale=3.0)  # far beyond the clip: it must not be clipped
+    copies = [dataclasses.replace(secure_mean, client_id=str(i)) for i in range(3)]
+    result = strategy.aggregate(state, copies)
+    expected = strategy.inner.aggregate(state, [secure_mean])
+    for name, tensors in expected.state.layers.items():
+        for key, tensor in tensors.items():
+            assert torch.equal(result.state.layers[name][key], tensor)
+    assert result.metrics["dp_clipped_clients"] is None and result.metrics["dp_median_update_norm"] is None
+    assert strategy.guarantee().noise_added_by == "clients (secure aggregation)"
+    own = random_uploads(strategy, state, 3, scale=0.1, seed=4)
+    with pytest.raises(ValueError, match="expects every upload to be the securely aggregated noised mean"):
+        strategy.aggregate(state, own)
