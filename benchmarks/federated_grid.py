@@ -34,7 +34,9 @@ every client on an IID share; ``--alphas`` is then not used)::
         --per_device_train_batch_size 1 --gradient_accumulation_steps 8
 
 Runs (metrics, final adapters) go to ``--runs_dir`` (default ``runs/benchmarks/PRESET``, not committed).
-Split a grid over processes with ``--shard 0/2`` and ``--shard 1/2`` (same output folder); finished runs
+Split a grid over processes with ``--shard 0/2`` and ``--shard 1/2`` (same output folder), or start several
+processes over the same jobs (e.g. ``--seeds 44 43 42`` beside ``--seeds 42 43 44``): a run another process has
+claimed (``RUN/.grid-claim``) is skipped. Finished runs
 (a ``metrics.jsonl`` with every round) are skipped, so an interrupted grid resumes where it stopped.
 ``--summarize_only`` re-reads the runs and rewrites the summary and figures.
 
@@ -61,6 +63,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import statistics
 import time
 from pathlib import Path
@@ -150,6 +153,10 @@ def run_grid(args: argparse.Namespace, settings: dict[str, Any]) -> None:
         out = run_dir(root, alpha, variant, seed)
         if _complete(out, settings["num_rounds"]):
             continue
+        claim = _claim(out)
+        if claim is None:
+            print(f"[{position + 1}/{len(jobs)}] {out} is being run by another process: skipped", flush=True)
+            continue
         method, kwargs = VARIANTS[variant]
         kwargs = dict(kwargs)
         if method == "subspace_reg":
@@ -163,7 +170,22 @@ def run_grid(args: argparse.Namespace, settings: dict[str, Any]) -> None:
         started = time.perf_counter()
         print(f"[{position + 1}/{len(jobs)}] partition={partition_label(alpha)} {variant} seed={seed}", flush=True)
         run_federated(config)
+        claim.unlink()
         print(f"    done in {time.perf_counter() - started:.0f} s", flush=True)
+
+
+def _claim(out: Path) -> Path | None:
+    """Mark ``out`` as taken by this process (so that grids started side by side over the same jobs, in any order
+    or sharding, never run one twice), or ``None`` when another process holds it. A claim left by a run that died
+    stays: remove ``out/.grid-claim`` to run it again."""
+    out.mkdir(parents=True, exist_ok=True)
+    claim = out / ".grid-claim"
+    try:
+        with claim.open("x") as handle:
+            handle.write(f"{os.getpid()}\n")
+    except FileExistsError:
+        return None
+    return claim
 
 
 def _mean_sd(values: list[float | None]) -> dict[str, float | None]:

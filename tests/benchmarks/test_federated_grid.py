@@ -142,3 +142,13 @@ def test_jump_ratio_needs_progress_above_its_noise(grid, tmp_path):
     assert entry["relative_abs_jump"]["mean"] is None
     # the same spread around a clear progress keeps its ratio
     assert grid._jump_over_progress({"mean": 0.2}, {"mean": 0.3, "sd": 0.2, "n": 3}) == pytest.approx(0.2 / 0.3)
+
+
+def test_a_run_claimed_by_one_grid_process_is_skipped_by_another(grid, tmp_path):
+    """Grids started side by side over the same jobs never run one twice; a finished run's claim is released."""
+    out = tmp_path / "alpha-0.3" / "fedit" / "seed-42"
+    claim = grid._claim(out)
+    assert claim is not None and claim.exists()
+    assert grid._claim(out) is None  # another process: skipped
+    claim.unlink()
+    assert grid._claim(out) is not None
