@@ -116,24 +116,13 @@ def secure_aggregation_refusal(strategy: Strategy, deployment: DeploymentArgumen
 def secure_aggregation_refusal_of_run(config: Any, deployment: DeploymentArguments) -> str | None:
     """:func:`secure_aggregation_refusal` of a run's method and DP settings (a ``FederatedRunConfig``), checked
     before any model loads or process starts: the method is built on the linearity probe's small layers."""
-    from ..runtime.trainer import resolve_clients_per_round
-    from ..strategies import build_strategy, canonical_method_name
+    from ..runtime.trainer import build_run_strategy, resolve_clients_per_round
     from ..strategies.linearity import PROBE_SPECS
 
-    args = config.training_args
-    strategy = build_strategy(
-        canonical_method_name(args.method), PROBE_SPECS, overrides=args.method_kwargs, seed=args.seed,
-        num_rounds=args.num_rounds,
-    )  # fmt: skip
-    privacy = args.differential_privacy()
-    if privacy is not None:
-        from ..privacy import ClientLevelDPStrategy
-
-        num_clients = config.data_args.num_clients
-        strategy = ClientLevelDPStrategy(
-            strategy, privacy, num_clients=num_clients, num_rounds=args.num_rounds,
-            clients_per_round=resolve_clients_per_round(args, num_clients),
-        )  # fmt: skip
+    args, num_clients = config.training_args, config.data_args.num_clients
+    strategy = build_run_strategy(
+        args, PROBE_SPECS, num_clients=num_clients, clients_per_round=resolve_clients_per_round(args, num_clients)
+    )
     return secure_aggregation_refusal(strategy, deployment)
 
 

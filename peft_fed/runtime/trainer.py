@@ -46,7 +46,7 @@ from transformers.trainer_utils import IntervalStrategy, set_seed
 from .. import peft_bridge
 from ..engine import ClientExecutor, ClientRecord, ClientTask, RoundEngine, RoundHooks, client_seed
 from ..linalg import LowRank
-from ..state import ClientState, ServerState
+from ..state import ClientState, LayerSpec, ServerState
 from ..strategies import Strategy, build_strategy, canonical_method_name
 from .arguments import FederatedTrainingArguments
 from .checkpoint import (
@@ -104,6 +104,36 @@ _FREE_SETTINGS = (
 )  # fmt: skip
 # fingerprint entries computed from the model and data (they follow from the settings above when those differ)
 _DERIVED_FINGERPRINT = ("adapted_layers", "trainable_heads", "initial_weights", "client_data", "eval_data")
+
+
+def build_run_strategy(
+    args: FederatedTrainingArguments,
+    specs: Mapping[str, LayerSpec],
+    *,
+    num_clients: int,
+    clients_per_round: int,
+    hyperparameter_source: Any = None,
+) -> Strategy:
+    """The run's strategy on ``specs``: ``args.method`` with its hyperparameters (from ``hyperparameter_source``,
+    e.g. the model's typed PEFT config, overridden by ``args.method_kwargs``), wrapped in client-level DP for a
+    federation of ``num_clients`` sampling ``clients_per_round`` when ``args.dp_clip`` is set."""
+    strategy = build_strategy(
+        canonical_method_name(args.method),
+        specs,
+        hyperparameter_source=hyperparameter_source,
+        overrides=args.method_kwargs,
+        seed=args.seed,
+        invalid_upload=args.invalid_upload,
+        num_rounds=args.num_rounds,
+    )
+    privacy = args.differential_privacy()
+    if privacy is None:
+        return strategy
+    from ..privacy import ClientLevelDPStrategy
+
+    return ClientLevelDPStrategy(
+        strategy, privacy, num_clients=num_clients, clients_per_round=clients_per_round, num_rounds=args.num_rounds
+    )
 
 
 def resolve_clients_per_round(args: FederatedTrainingArguments, num_clients: int) -> int:
@@ -293,24 +323,11 @@ class FederatedTrainer(Trainer):
                 f"the model's PEFT config is for {config_method!r} but args.method is {name!r}; "
                 "use a plain LoraConfig for other methods or set method to match"
             )
-        strategy = build_strategy(
-            name,
-            self.specs,
-            hyperparameter_source=peft_config if config_method == name else None,
-            overrides=args.method_kwargs,
-            seed=args.seed,
-            invalid_upload=args.invalid_upload,
-            num_rounds=args.num_rounds,
-        )
-        privacy = args.differential_privacy()
-        if privacy is None:
-            return strategy
-        from ..privacy import ClientLevelDPStrategy
-
         num_clients, clients_per_round = self.federation_size()
-        return ClientLevelDPStrategy(
-            strategy, privacy, num_clients=num_clients, clients_per_round=clients_per_round, num_rounds=args.num_rounds
-        )
+        return build_run_strategy(
+            args, self.specs, num_clients=num_clients, clients_per_round=clients_per_round,
+            hyperparameter_source=peft_config if config_method == name else None,
+        )  # fmt: skip
 
     def _take_over_per_step_settings(self) -> None:
         """Saving, logging and evaluation happen per round (the engine), not per step inside a client's
