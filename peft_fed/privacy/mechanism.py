@@ -37,15 +37,24 @@ class HoldsServerTensors(Protocol):
     extras: dict[str, torch.Tensor]
 
 
+def tensor_parts(holder: HoldsServerTensors, uploaded: Sequence[str]) -> UpdateParts:
+    """``holder``'s tensors of every uploaded factor and every head, in the mechanism's fixed order."""
+    parts: UpdateParts = [
+        (("layer", name, key), holder.layers[name][key]) for name in sorted(holder.layers) for key in uploaded
+    ]
+    parts += [(("extra", key), holder.extras[key]) for key in sorted(holder.extras)]
+    return parts
+
+
+def _tensor_at(holder: HoldsServerTensors, where: tuple[str, ...]) -> torch.Tensor:
+    return holder.layers[where[1]][where[2]] if where[0] == "layer" else holder.extras[where[1]]
+
+
 def upload_update(state: HoldsServerTensors, upload: Upload, uploaded: Sequence[str]) -> UpdateParts:
     """``upload - state`` for every uploaded tensor and every head, in float64, in a fixed order."""
-    parts: UpdateParts = []
-    for name in sorted(state.layers):
-        for key in uploaded:
-            parts.append((("layer", name, key), upload.layers[name][key].double() - state.layers[name][key].double()))
-    for key in sorted(state.extras):
-        parts.append((("extra", key), upload.extras[key].double() - state.extras[key].double()))
-    return parts
+    return [
+        (where, _tensor_at(upload, where).double() - reference.double()) for where, reference in tensor_parts(state, uploaded)
+    ]
 
 
 def update_norm(parts: UpdateParts) -> float:
@@ -107,14 +116,12 @@ def parts_as_upload(parts: UpdateParts, client_id: str, reference: HoldsServerTe
     layers: LayerTensors = {}
     extras: dict[str, torch.Tensor] = {}
     for where, delta in parts:
+        base = None if reference is None else _tensor_at(reference, where)
+        tensor = delta if base is None else (base.double() + delta).to(base.dtype)
         if where[0] == "layer":
-            _, name, key = where
-            base = None if reference is None else reference.layers[name][key]
-            target = layers.setdefault(name, {})
-            target[key] = delta if base is None else (base.double() + delta).to(base.dtype)
+            layers.setdefault(where[1], {})[where[2]] = tensor
         else:
-            base = None if reference is None else reference.extras[where[1]]
-            extras[where[1]] = delta if base is None else (base.double() + delta).to(base.dtype)
+            extras[where[1]] = tensor
     return Upload(client_id=client_id, num_samples=1, layers=layers, extras=extras)
 
 
@@ -152,12 +159,7 @@ class ClientNoise:
 
     def noised_mean_upload(self, broadcast: HoldsServerTensors, summed: Upload, cohort_size: int) -> Upload:
         """The server's tensors plus the sum of the contributions over ``cohort_size``, as one upload of the method."""
-        parts: UpdateParts = [
-            (("layer", name, key), summed.layers[name][key].double() / cohort_size)
-            for name in sorted(summed.layers)
-            for key in self.uploaded
-        ]
-        parts += [(("extra", key), summed.extras[key].double() / cohort_size) for key in sorted(summed.extras)]
+        parts = [(where, tensor.double() / cohort_size) for where, tensor in tensor_parts(summed, self.uploaded)]
         return parts_as_upload(parts, "dp_noised_mean", broadcast)
 
 

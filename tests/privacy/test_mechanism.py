@@ -9,7 +9,14 @@ import torch
 from privacy_helpers import head, random_uploads
 
 from peft_fed.privacy.accountant import REPLACE_ONE_SENSITIVITY_IN_CLIPS
-from peft_fed.privacy.mechanism import clip_update, noise_generator, noised_mean, update_norm, upload_update
+from peft_fed.privacy.mechanism import (
+    clip_update,
+    noise_generator,
+    noised_mean,
+    tensor_parts,
+    update_norm,
+    upload_update,
+)
 from peft_fed.state import LayerSpec
 
 
@@ -132,7 +139,7 @@ def test_client_noise_sums_to_the_central_mechanism_with_the_noise_shared_by_k_c
     contributions = [noise.contribution(broadcast, u, 2, torch.Generator()) for u in uploads]
     assert [clipped for _, clipped in contributions] == [True, True, True]
     for contribution, _ in contributions:
-        assert update_norm(upload_update(_zeros_like(contribution), contribution, strategy.uploaded)) <= clip * (1 + 1e-12)
+        assert update_norm(tensor_parts(contribution, strategy.uploaded)) <= clip * (1 + 1e-12)
     summed = _sum_uploads([c for c, _ in contributions])
     private = noise.noised_mean_upload(broadcast, summed, cohort)
     central = strategy.aggregate(state, uploads)  # the server clipping (z = 0), 3 of the 4 sampled answered
@@ -155,13 +162,6 @@ def test_client_noise_sums_to_the_central_mechanism_with_the_noise_shared_by_k_c
         noisy.noise_std(0)
 
 
-def _zeros_like(upload):
-    from peft_fed.state import Upload
-
-    return Upload("0", 1, {n: {k: torch.zeros_like(t) for k, t in ts.items()} for n, ts in upload.layers.items()},
-                  {k: torch.zeros_like(t) for k, t in upload.extras.items()})  # fmt: skip
-
-
 def _sum_uploads(uploads):
     from peft_fed.state import Upload
 
@@ -171,4 +171,4 @@ def _sum_uploads(uploads):
 
 
 def _flat(upload, strategy):
-    return torch.cat([t.flatten() for _, t in upload_update(_zeros_like(upload), upload, strategy.uploaded)])
+    return torch.cat([t.flatten() for _, t in tensor_parts(upload, strategy.uploaded)])
