@@ -9,7 +9,9 @@ loading the model and tokenising the data are not part of a round.
 
 * ``overhead``: a FedIT run of ``--overhead_rounds`` rounds x 3 clients x 8 steps, sequential and batched, without
   evaluation or checkpoints, against the same number of optimizer steps (batch 8) in one plain
-  ``transformers.Trainer.train()`` on the same PEFT model: the engine's cost is the ratio of the two times.
+  ``transformers.Trainer.train()`` on the same PEFT model, interleaved ``--overhead_repeats`` times: the engine's
+  cost is the ratio of the two times, also per token position computed (the runs draw different batches), and
+  the share of a run's time spent outside ``Trainer.training_step``.
 * ``breakdown``: the default run's method (FedSmoothLoRA), 3 clients x 8 steps, evaluation and a checkpoint every
   round: seconds per round in client initialisation, local training, aggregation, evaluation, checkpoint, other.
 * ``throughput``: FedIT rounds with K = 1, 2, 4, 8, 16 clients (16 clients in all), ``--throughput_steps`` each: clients per
@@ -70,46 +72,98 @@ def _timed_train(trainer) -> float:
     return time.perf_counter() - tic
 
 
-def measure_overhead(workdir: Path, rounds: int) -> dict[str, Any]:
+class _StepMeter:
+    """Seconds and token positions inside ``transformers.Trainer.training_step``: the optimizer steps' own work.
+
+    A federated run and a plain ``Trainer`` run draw different batches (each client shuffles its own rows), so
+    their padded lengths differ; counting the positions each step computed lets the two be compared per token.
+    The batched executor has its own loop (no ``training_step``), so it reads zero here.
+    """
+
+    def __enter__(self) -> _StepMeter:
+        from transformers import Trainer
+
+        self.seconds, self.steps, self.positions = 0.0, 0, 0
+        self._original = original = Trainer.training_step
+
+        def timed(trainer, model, inputs, *args, **kwargs):
+            tic = time.perf_counter()
+            try:
+                return original(trainer, model, inputs, *args, **kwargs)
+            finally:
+                self.seconds += time.perf_counter() - tic
+                self.steps += 1
+                self.positions += int(inputs["input_ids"].numel())
+
+        Trainer.training_step = timed
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        from transformers import Trainer
+
+        Trainer.training_step = self._original
+
+
+def _plain_trainer(run, workdir: Path, steps: int):
+    from datasets import concatenate_datasets
     from transformers import Trainer, TrainingArguments
 
-    result: dict[str, Any] = {"rounds": rounds, "clients_per_round": 3, "local_steps": 8, "batch": 8}
-    for mode in MODES:
-        config = _config(workdir, method="fedit", num_rounds=rounds, clients_per_round=3, parallel_mode=mode)
-        trainer, run = _trainer(config, evaluate=False)
-        assert trainer.parallel_mode == mode, trainer.parallel_mode
-        result[f"{MODE_LABELS[mode]}_seconds"] = _timed_train(trainer)
-        history = trainer.history
-        result[f"{MODE_LABELS[mode]}_init_seconds"] = sum(r["init_seconds"] for r in history)
-    steps = rounds * 3 * 8
-    config = _config(workdir, method="fedit", num_rounds=1)
-    _, run = _trainer(config, evaluate=False)
-    from datasets import concatenate_datasets
-
-    plain = Trainer(
+    return Trainer(
         model=run.model,
         args=TrainingArguments(
-            output_dir=str(workdir / "plain"),
-            max_steps=steps,
-            per_device_train_batch_size=8,
-            learning_rate=1e-3,
-            lr_scheduler_type="constant",
-            save_strategy="no",
-            logging_strategy="no",
-            report_to="none",
-            use_cpu=True,
-            remove_unused_columns=False,
-            disable_tqdm=True,
-            seed=42,
+            output_dir=str(workdir / "plain"), max_steps=steps, per_device_train_batch_size=8, learning_rate=1e-3,
+            lr_scheduler_type="constant", save_strategy="no", logging_strategy="no", report_to="none", use_cpu=True,
+            remove_unused_columns=False, disable_tqdm=True, seed=42,
         ),  # fmt: skip
         train_dataset=concatenate_datasets(run.client_train),
         data_collator=run.task.collator(run.tokenizer),
     )
-    result["plain_trainer_steps"] = steps
-    result["plain_trainer_seconds"] = _timed_train(plain)
-    for mode in MODES:
-        label = MODE_LABELS[mode]
-        result[f"{label}_overhead_ratio"] = result[f"{label}_seconds"] / result["plain_trainer_seconds"]
+
+
+def measure_overhead(workdir: Path, rounds: int, repeats: int) -> dict[str, Any]:
+    """FedIT federated runs (sequential, batched) against the same number of optimizer steps in one plain
+    ``Trainer.train()``, interleaved ``repeats`` times (sequential, batched, plain, sequential, ...) so that the
+    other jobs of a shared machine weigh on all three alike. Each run gets a freshly loaded model; only ``train()``
+    is timed."""
+    steps = rounds * 3 * 8
+    result: dict[str, Any] = {"rounds": rounds, "clients_per_round": 3, "local_steps": 8, "batch": 8,
+                              "plain_trainer_steps": steps, "repeats": repeats}  # fmt: skip
+    runs: dict[str, list[dict[str, float]]] = {label: [] for label in (*MODE_LABELS.values(), "plain")}
+    for _ in range(repeats):
+        for mode in (*MODES, "plain"):
+            if mode == "plain":
+                _, run = _trainer(_config(workdir, method="fedit", num_rounds=1), evaluate=False)
+                trainer, label = _plain_trainer(run, workdir, steps), "plain"
+            else:
+                config = _config(workdir, method="fedit", num_rounds=rounds, clients_per_round=3, parallel_mode=mode)
+                trainer, _ = _trainer(config, evaluate=False)
+                assert trainer.parallel_mode == mode, trainer.parallel_mode
+                label = MODE_LABELS[mode]
+            load = os.getloadavg()[0]
+            with _StepMeter() as meter:
+                seconds = _timed_train(trainer)
+            runs[label].append({"seconds": seconds, "in_step_seconds": meter.seconds, "steps": meter.steps,
+                                "token_positions": meter.positions, "load_average_1min": load})  # fmt: skip
+            print(f"overhead {label}: {json.dumps(runs[label][-1])}", flush=True)
+    result["runs"] = runs
+    plain = runs["plain"]
+    for label, measured in runs.items():
+        result[f"{label}_seconds"] = statistics.median(r["seconds"] for r in measured)
+        if label == "plain":
+            continue
+        # run i of a design against plain run i: the two closest in time
+        result[f"{label}_overhead_ratio"] = statistics.median(
+            r["seconds"] / p["seconds"] for r, p in zip(measured, plain, strict=True)
+        )
+    sequential = runs["sequential"]
+    result["sequential_overhead_ratio_per_token_position"] = statistics.median(
+        (r["seconds"] / r["token_positions"]) / (p["seconds"] / p["token_positions"])
+        for r, p in zip(sequential, plain, strict=True)
+    )
+    for label in ("sequential", "plain"):
+        result[f"{label}_share_outside_training_step"] = statistics.median(
+            1 - r["in_step_seconds"] / r["seconds"] for r in runs[label]
+        )
     return result
 
 
@@ -200,7 +254,9 @@ def measure_init(workdir: Path, repeats: int) -> dict[str, Any]:
         model.zero_grad(set_to_none=True)
 
     def estimate() -> None:
-        peft_bridge.full_weight_gradients(model, batches, trainer._task_loss)
+        gradients = peft_bridge.full_weight_gradients(model, batches, trainer._task_loss)
+        # the estimate stays on the model's device (no copy to the CPU that would wait for it): wait here
+        next(iter(gradients.values())).sum().item()
 
     state = trainer.client_states["0"]
     broadcast = trainer.strategy.configure(trainer.server_state, state)
@@ -291,8 +347,11 @@ def plot(results: dict[str, Any], out: Path) -> None:
         o = results["overhead"]
         fig, ax = plt.subplots(figsize=(5, 3.5))
         labels = ["plain Trainer", "sequential", "batched"]
-        ax.bar(labels, [o["plain_trainer_seconds"], o["sequential_seconds"], o["batched_seconds"]])
-        ax.set(ylabel="seconds", title=f"{o['plain_trainer_steps']} optimizer steps (batch 8)")
+        bars = ax.bar(labels, [o["plain_seconds"], o["sequential_seconds"], o["batched_seconds"]])
+        ratios = ["1.00", f"{o['sequential_overhead_ratio']:.2f}", f"{o['batched_overhead_ratio']:.2f}"]
+        ax.bar_label(bars, labels=[f"x{r}" for r in ratios])
+        ax.set(ylabel="seconds (median)",
+               title=f"{o['plain_trainer_steps']} optimizer steps (batch 8), {o['repeats']} interleaved repeats")
         fig.tight_layout()
         fig.savefig(out / "overhead.png", dpi=120)
         plt.close(fig)
@@ -306,6 +365,7 @@ def main() -> None:
     parser.add_argument("--parts", nargs="+", default=["overhead", "breakdown", "throughput", "init"],
                         choices=["overhead", "breakdown", "throughput", "init"])  # fmt: skip
     parser.add_argument("--overhead_rounds", type=int, default=3)
+    parser.add_argument("--overhead_repeats", type=int, default=3, help="Interleaved repeats of the three runs.")
     parser.add_argument("--breakdown_rounds", type=int, default=3)
     parser.add_argument("--throughput_rounds", type=int, default=2)
     parser.add_argument("--throughput_steps", type=int, default=8)
@@ -335,7 +395,7 @@ def main() -> None:
         for part in args.parts:
             tic = time.perf_counter()
             if part == "overhead":
-                results["overhead"] = measure_overhead(workdir, args.overhead_rounds)
+                results["overhead"] = measure_overhead(workdir, args.overhead_rounds, args.overhead_repeats)
             elif part == "breakdown":
                 results["breakdown"] = measure_breakdown(workdir, args.breakdown_rounds)
             elif part == "throughput":

@@ -2,7 +2,7 @@
 
     python examples/fed_train.py                       # offline default: MiniLM, WordNet MC, 10 clients, FedSmoothLoRA
     python examples/fed_train.py --method fedit --num_rounds 20 --output_dir runs/fedit
-    accelerate launch --num_processes 2 examples/fed_train.py --method fedsmoothlora
+    torchrun --nproc_per_node 2 examples/fed_train.py --method fedsmoothlora   # 2 processes (accelerate launch on GPUs)
     python examples/fed_train.py --config examples/configs/wordnet_mc_minilm.yaml --zeta_schedule cosine
     python examples/fed_train.py --help                # every flag (run settings, hyperparameters, TrainingArguments)
 """

@@ -369,6 +369,10 @@ def full_weight_gradients(
     ``Trainer.train``) has all its parameters gathered for the estimate instead.
     Dropout is off (eval mode) so the estimate does not depend on the dropout RNG stream; every
     ``requires_grad`` flag, ``.grad`` and the training mode are restored afterwards.
+
+    Unlike what else the bridge hands out (CPU copies, like a server's), the gradients stay on the device of the
+    layer that computed them, in float32: they are the client's own working tensors, ``m x n`` each, and a strategy
+    follows its inputs' device (no round trip per layer, client and round).
     """
     layers = lora_layers(model, adapter_name)
     inputs: dict[str, torch.Tensor] = {}
@@ -426,8 +430,9 @@ def full_weight_gradients(
         model.train(was_training)
     if count == 0:
         raise ValueError("full_weight_gradients got no batch: the client has no data for gradient estimation")
-    # total / count is already a new tensor: moving it is enough, no second copy on the CPU
-    return {name: (total / count).to("cpu").contiguous() for name, total in sums.items()}
+    # on the device where each layer computed them: the client's mathematics on them (FedSmoothLoRA's SVDs and
+    # dense offsets) runs there, and only what the client sends or keeps comes to the CPU, at rank r
+    return {name: (total / count).contiguous() for name, total in sums.items()}
 
 
 def _forward_ready(model: nn.Module, params: list[torch.Tensor]) -> contextlib.AbstractContextManager:

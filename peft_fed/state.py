@@ -9,7 +9,7 @@ Round and version conventions (used by every strategy):
   (0-based), so ``round == 0`` is the first round.
 * the backbone *version* is the number of backbone updates merged so far
   (``len(ServerState.backbone_history)``); a client records the version it last trained against,
-  and a broadcast carries the updates it has not seen yet.
+  and a broadcast carries the updates it has not seen yet, summed (:class:`BackboneCatchUp`).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .linalg import LowRank, tensor_nbytes
+from .linalg import ExactSum, LowRank, exact_sum, tensor_nbytes
 
 LayerTensors = dict[str, dict[str, torch.Tensor]]
 """``{layer name: {tensor name: tensor}}``; tensor names are the method's own (``"B"``, ``"A"``, ``"U_B"``...)."""
@@ -68,32 +68,83 @@ def clone_layers(layers: LayerTensors) -> LayerTensors:
 
 
 @dataclass
+class BackboneCatchUp:
+    """The backbone updates ``start .. end - 1`` a client has not merged, as one exact sum per layer.
+
+    ``layers[name]`` is ``sum_{v = start}^{end - 1} backbone_history[v][name]`` (scale included: add it to ``W``),
+    in whichever exact form is fewer bytes (:func:`~peft_fed.linalg.exact_sum`: the stacked factors, rank
+    ``t r`` after ``t`` updates of rank ``r``, or the dense ``m x n`` sum). A client's downlink per layer is
+    therefore at most ``min(t r (m + n), m n)`` numbers, never more than one dense delta however long it was away;
+    a client at the current version receives nothing (``start == end``, no layers), and a client that missed one
+    update receives that update itself (the same tensors, the same bytes as the update) whenever its factors are
+    no larger than the dense matrix (always for a rank-``r`` merge with ``2 r <= min(m, n)``).
+    """
+
+    start: int = 0
+    end: int = 0
+    layers: dict[str, ExactSum] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.start <= self.end:
+            raise ValueError(f"a backbone catch-up goes from a version to a later one, got [{self.start}, {self.end})")
+        if self.start == self.end and self.layers:
+            raise ValueError(f"an empty backbone catch-up [{self.start}, {self.end}) cannot carry layers")
+
+    @property
+    def num_updates(self) -> int:
+        return self.end - self.start
+
+    @property
+    def nbytes(self) -> int:
+        return sum(delta.nbytes for delta in self.layers.values())
+
+    def dense(self) -> dict[str, torch.Tensor]:
+        """``{layer: the m x n sum}``."""
+        return {name: delta.dense() for name, delta in self.layers.items()}
+
+    def additions(self) -> list[dict[str, LowRank | torch.Tensor]]:
+        """What to add to ``W``, in order (``peft_bridge.add_to_base_weights`` takes each dict): per layer the missed
+        updates one by one where they travelled stacked (the simulation's very additions, bit for bit), the dense sum
+        where it travelled dense (equal to them up to float rounding)."""
+        per_layer = {name: delta.additions() for name, delta in self.layers.items()}
+        steps = max((len(adds) for adds in per_layer.values()), default=0)
+        return [{name: adds[i] for name, adds in per_layer.items() if i < len(adds)} for i in range(steps)]
+
+
+@dataclass
 class Broadcast:
     """What the server sends one client at the start of a round (downlink).
 
     Attributes:
         round: the round being played (0-based).
         layers: per-layer tensors the client starts from (e.g. the global ``B`` and ``A``).
-        backbone_updates: the backbone updates the client has not merged yet, oldest first, each a
-            dict of per-layer low-rank deltas to *add* to ``W`` (already multiplied by the LoRA scale).
-            A deployed client merges them into its copy of the backbone; FedSmoothLoRA also reads them
-            to compute ``D_c``. A simulation whose processes share one backbone does not merge them again.
-        backbone_version: the version the client holds after merging ``backbone_updates``.
+        backbone_catch_up: the backbone updates the client has not merged yet (from its version to
+            ``backbone_version``), summed per layer (:class:`BackboneCatchUp`: exact, scale included, to *add*
+            to ``W``). A deployed client adds it to its copy of the backbone; FedSmoothLoRA also reads it as
+            ``D_c``. A simulation whose processes share one backbone does not merge it again.
+        backbone_version: the version the client holds after adding ``backbone_catch_up``.
         extras: averaged non-LoRA trainable tensors (classification heads, ``modules_to_save``).
     """
 
     round: int
     layers: LayerTensors = field(default_factory=dict)
-    backbone_updates: list[dict[str, LowRank]] = field(default_factory=list)
+    backbone_catch_up: BackboneCatchUp = field(default_factory=BackboneCatchUp)
     backbone_version: int = 0
     extras: dict[str, torch.Tensor] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        if self.backbone_catch_up.num_updates and self.backbone_catch_up.end != self.backbone_version:
+            raise ValueError(
+                f"the backbone catch-up ends at version {self.backbone_catch_up.end}, the broadcast's backbone is "
+                f"version {self.backbone_version}"
+            )
+
     @property
     def nbytes(self) -> int:
-        """Exact bytes of every tensor this message carries."""
+        """Exact bytes of every tensor this message carries (the catch-up in the form it travels)."""
         return (
             layer_tensors_nbytes(self.layers)
-            + sum(low_rank_dict_nbytes(u) for u in self.backbone_updates)
+            + self.backbone_catch_up.nbytes
             + sum(tensor_nbytes(t) for t in self.extras.values())
         )
 
@@ -227,9 +278,19 @@ class ServerState(_TensorStateMixin):
         return len(self.backbone_history)
 
     def updates_since(self, version: int) -> list[dict[str, LowRank]]:
+        """The per-version updates a client at ``version`` has not merged, oldest first."""
         if not 0 <= version <= self.backbone_version:
             raise ValueError(f"client backbone version {version} is outside [0, {self.backbone_version}]")
         return self.backbone_history[version:]
+
+    def catch_up(self, version: int) -> BackboneCatchUp:
+        """What a client at ``version`` is sent: :meth:`updates_since` summed per layer, each layer in the exact form
+        of fewer bytes (:func:`~peft_fed.linalg.exact_sum`). The history's tensors are referenced, not copied; a
+        dense sum is formed only when something reads it."""
+        updates = self.updates_since(version)
+        names = list(dict.fromkeys(name for update in updates for name in update))
+        layers = {name: exact_sum([update[name] for update in updates if name in update]) for name in names}
+        return BackboneCatchUp(start=version, end=self.backbone_version, layers=layers)
 
     def state_dict(self) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         flat = self._flatten()

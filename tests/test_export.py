@@ -343,6 +343,46 @@ def test_merged_export(bert_dir, input_ids, tmp_path):
 # ---------------------------------------------------------------------------------------------- card, config, Hub
 
 
+def _snapshot(model) -> dict:
+    """Everything export could touch on the live model: every tensor (by name, with its storage and flags), the
+    module tree, the adapters and their configs, the active adapter and the training mode."""
+    return {
+        "state": {k: (v.detach().clone(), v.data_ptr(), v.dtype, v.device) for k, v in model.state_dict(keep_vars=True).items()},
+        "grad": {n: p.requires_grad for n, p in model.named_parameters()},
+        "modules": [(n, type(m)) for n, m in model.named_modules()],
+        "configs": {n: c.to_dict() for n, c in model.peft_config.items()},
+        "active": model.active_adapter,
+        "training": model.training,
+    }
+
+
+def _assert_same_snapshot(after: dict, before: dict) -> None:
+    assert after["state"].keys() == before["state"].keys()
+    for key, (tensor, pointer, dtype, device) in before["state"].items():
+        got, got_pointer, got_dtype, got_device = after["state"][key]
+        assert torch.equal(got, tensor) and (got_pointer, got_dtype, got_device) == (pointer, dtype, device), key
+    assert {k: v for k, v in after.items() if k != "state"} == {k: v for k, v in before.items() if k != "state"}
+
+
+@pytest.mark.parametrize("make", ["bert", "gpt2_bias_all", "merged_state"])
+def test_export_leaves_the_live_model_bit_for_bit_unchanged(bert_dir, gpt2_dir, input_ids, tmp_path, make):
+    """The adapter is written from tensors, without copying the model: the model it was exported from is untouched
+    (the same tensors, values, flags, modules and configs) and still computes the same outputs."""
+    if make == "gpt2_bias_all":
+        model = get_peft_model(GPT2LMHeadModel.from_pretrained(gpt2_dir),
+                               LoraConfig(r=2, lora_alpha=4, target_modules=["c_attn"], fan_in_fan_out=True, bias="all"))  # fmt: skip
+        model.eval()
+        original = _simulate_federated_run(model, head=False)
+    else:
+        model, original = _federated_bert(bert_dir)
+        if make == "merged_state":
+            model.merge_adapter()
+    before, outputs = _snapshot(model), _logits(model, input_ids)
+    export_adapter(model, original, tmp_path / "out", rank=3)
+    _assert_same_snapshot(_snapshot(model), before)
+    assert torch.equal(_logits(model, input_ids), outputs)
+
+
 def test_adapter_config_and_model_card(bert_dir, tmp_path):
     model, original = _federated_bert(bert_dir)
     info = FederatedRunInfo(

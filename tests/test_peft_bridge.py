@@ -83,6 +83,37 @@ def test_activation_gradient_equals_autograd_weight_gradient(make, loss_fn):
         torch.testing.assert_close(got[name], expected, atol=1e-6, rtol=1e-4)
 
 
+@pytest.mark.parametrize("make, loss_fn", [(lora_bert, classification_loss), (lora_gpt2, lm_loss)])
+def test_gradient_estimate_stays_where_it_was_computed(make, loss_fn, monkeypatch):
+    """The estimate is the client's working tensor: it is returned on its layer's device, never copied to the CPU
+    (on a GPU that copy was one m x n transfer per layer, client and round). Spied: no ``.to``/``.cpu`` call
+    asks for the CPU with a tensor of a layer's weight shape while the estimate runs."""
+    model = make()
+    shapes = {tuple(w.shape) for w in peft_bridge.base_weights(model).values()}
+    shapes |= {shape[::-1] for shape in shapes}
+    asked: list[tuple[int, ...]] = []
+    to, cpu = torch.Tensor.to, torch.Tensor.cpu
+
+    def spy_to(tensor, *args, **kwargs):
+        device = torch._C._nn._parse_to(*args, **{k: v for k, v in kwargs.items() if k != "copy"})[0]
+        if device is not None and device.type == "cpu" and tuple(tensor.shape) in shapes:
+            asked.append(tuple(tensor.shape))
+        return to(tensor, *args, **kwargs)
+
+    def spy_cpu(tensor, *args, **kwargs):
+        if tuple(tensor.shape) in shapes:
+            asked.append(tuple(tensor.shape))
+        return cpu(tensor, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "to", spy_to)
+    monkeypatch.setattr(torch.Tensor, "cpu", spy_cpu)
+    gradients = peft_bridge.full_weight_gradients(model, [token_batch()], loss_fn)
+    monkeypatch.undo()
+    assert asked == []
+    layers = peft_bridge.lora_layers(model)
+    assert all(g.device == layers[n].get_base_layer().weight.device and g.dtype == torch.float32 for n, g in gradients.items())
+
+
 def test_gradient_estimation_leaves_training_state_untouched():
     model = lora_bert()
     model.train()

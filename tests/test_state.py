@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from peft_fed.linalg import LowRank
-from peft_fed.state import ClientState, LayerSpec, ServerState, sample_weights
+from peft_fed.state import BackboneCatchUp, Broadcast, ClientState, LayerSpec, ServerState, sample_weights
 
 
 def test_server_state_round_trip(tmp_path):
@@ -42,6 +42,36 @@ def test_updates_since_checks_version():
     assert len(state.updates_since(1)) == 1
     with pytest.raises(ValueError, match="outside"):
         state.updates_since(3)
+
+
+def test_catch_up_is_the_exact_sum_of_the_missed_updates():
+    g = torch.Generator().manual_seed(0)
+    history = [{"l": LowRank(torch.randn(6, 1, generator=g, dtype=torch.float64), torch.randn(1, 5, generator=g, dtype=torch.float64))}
+               for _ in range(4)]  # fmt: skip
+    state = ServerState(backbone_history=history)
+    for version in range(5):
+        catch_up = state.catch_up(version)
+        assert (catch_up.start, catch_up.end, catch_up.num_updates) == (version, 4, 4 - version)
+        if version == 4:
+            assert catch_up.layers == {} and catch_up.dense() == {}
+            continue
+        expected = sum(update["l"].dense() for update in history[version:])
+        torch.testing.assert_close(catch_up.dense()["l"], expected, rtol=1e-12, atol=1e-12)
+        # rank 1 per update: stacked while (4 - version) * 11 <= 30 numbers, dense after
+        assert catch_up.layers["l"].form == ("low_rank" if 4 - version <= 2 else "dense")
+        assert catch_up.nbytes == 8 * min((4 - version) * 11, 30)
+    assert state.backbone_history == history  # the history stays per version (checkpoints unchanged)
+    with pytest.raises(ValueError, match="outside"):
+        state.catch_up(5)
+
+
+def test_a_broadcast_refuses_a_catch_up_that_ends_elsewhere():
+    catch_up = ServerState(backbone_history=[{"l": LowRank(torch.ones(2, 1), torch.ones(1, 2))}]).catch_up(0)
+    assert Broadcast(round=1, backbone_catch_up=catch_up, backbone_version=1).nbytes == 16
+    with pytest.raises(ValueError, match="ends at version 1"):
+        Broadcast(round=1, backbone_catch_up=catch_up, backbone_version=2)
+    with pytest.raises(ValueError, match="later one"):
+        BackboneCatchUp(start=2, end=1)
 
 
 def test_sample_weights():

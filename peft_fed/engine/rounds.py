@@ -45,7 +45,13 @@ class ClientTask:
 
 @dataclass
 class ClientRecord:
-    """What one client's round produced (``failure`` set, and ``upload`` None, for a client that failed)."""
+    """What one client's round produced (``failure`` set, and ``upload`` None, for a client that failed).
+
+    A failed client keeps its previous state (``client_state`` None), unless its record carries the state it restarts
+    from: a deployed node that cannot serve the server's record of its client (backbone chain or client state lost)
+    restarts it as a new client at the backbone version it can rebuild (``peft_fed/flower/node.py``); the engine adopts
+    that state when the round completes, so the client's next broadcast catches it up from there.
+    """
 
     client_id: str
     upload: Any
@@ -240,6 +246,22 @@ class RoundEngine:
             for cid in self.sample_clients(round_index)
         ]
 
+    def _restart_client(self, round_index: int, client_id: str, state: ClientState) -> None:
+        """Adopt the state a failed client restarts from (a new client at a backbone version the server holds)."""
+        version = state.backbone_version
+        if state.last_round is not None or not 0 <= version <= self.server_state.backbone_version:
+            logger.warning(
+                "round %d: client %s asked to restart at backbone version %s (last round %s): not a new client at a "
+                "version in [0, %d], ignored", round_index + 1, client_id, version, state.last_round,
+                self.server_state.backbone_version,
+            )  # fmt: skip
+            return
+        logger.warning(
+            "round %d: client %s restarts as a new client at backbone version %d (its node could not serve its "
+            "previous state)", round_index + 1, client_id, version,
+        )  # fmt: skip
+        self.client_states[client_id] = ClientState(client_id=client_id, backbone_version=version)
+
     def end_round(
         self,
         round_index: int,
@@ -278,6 +300,9 @@ class RoundEngine:
         for record in good:
             if record.client_id in accepted:
                 self.client_states[record.client_id] = record.client_state
+        for record in records:
+            if record.failure is not None and record.client_state is not None:
+                self._restart_client(round_index, record.client_id, record.client_state)
         self.server_state = result.state
         aggregate_seconds = time.perf_counter() - tic
 

@@ -1,13 +1,13 @@
 """A federated result as a stock PEFT LoRA adapter of the original base model.
 
 Per adapted layer the cumulative change ``Delta = (W_T + s B A) - W_0`` is compressed to the factors of its
-truncated SVD (at a given rank, or the smallest rank meeting a relative-error bound) and saved by PEFT's own
-``save_pretrained`` from a plain :class:`~peft.LoraConfig`.
+truncated SVD (at a given rank, or the smallest rank meeting a relative-error bound) and written as PEFT's own
+``save_pretrained`` writes a plain :class:`~peft.LoraConfig` adapter (PEFT names the tensors and saves the config),
+from tensors, without copying the model.
 """
 
 from __future__ import annotations
 
-import copy
 import logging
 import math
 import os
@@ -20,12 +20,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from peft import LoraConfig, PeftModel, PeftType, get_peft_model
-from peft.utils import ModulesToSaveWrapper
+from peft import LoraConfig, PeftModel, PeftType, get_peft_model_state_dict
+from peft.utils import SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME, ModulesToSaveWrapper
+from safetensors.torch import save_file
 from torch import nn
 
 from .. import peft_bridge
-from ..linalg import lapack_threads, split_factors
+from ..linalg import LowRank, lapack_threads, split_factors
 from .model_card import write_card_and_report
 from .report import ExportReport, FederatedRunInfo
 
@@ -329,15 +330,11 @@ def export_adapter(
     }
     path = _prepare_output_dir(output_dir, overwrite)
 
-    # The exported model is the original base model (W_0 in the adapted layers, the final heads) with a fresh
-    # plain LoraConfig: a copy is unloaded (which keeps the active modules_to_save copy, i.e. the final heads),
-    # rewrapped and saved by PEFT itself, so the files are exactly what stock PEFT writes and reads.
-    work = copy.deepcopy(model)
-    if work.active_adapter != adapter_name:
-        # unload/merge keep the *active* adapter's modules_to_save copy (its final heads)
-        work.set_adapter(adapter_name)
-    current = peft_bridge.base_weights(work, adapter_name)
-    plain = work.unload()
+    # The adapter is written from tensors, without copying the model (a deep copy doubled its memory, on its device,
+    # to unload it and wrap it again): the files are what PeftModel.save_pretrained writes for a plain LoraConfig with
+    # these factors on the original base model. PEFT itself names the tensors (get_peft_model_state_dict of the live
+    # model with the exported factors in place of its own, so the keys and the final heads are this PEFT version's)
+    # and saves the config; tests/test_export.py loads the result with stock PEFT in a fresh process.
     heads = _head_names(model)
     common_rank = Counter(ranks.values()).most_common(1)[0][0]
     pattern = {re.escape(name): k for name, k in ranks.items() if k != common_rank}
@@ -347,23 +344,19 @@ def export_adapter(
         # alpha = r for every layer, so every layer's scale is 1 and the factors are used as they are
         rank_pattern=pattern,
         alpha_pattern=dict(pattern),
-        target_modules=sorted(ranks),
-        modules_to_save=heads or None,
+        target_modules=_target_modules(model, sorted(ranks)),
+        # the heads, then what the task type adds to the list when PEFT wraps a model (e.g. "classifier", "score")
+        modules_to_save=list(dict.fromkeys(heads + list(train_config.modules_to_save or []))) or None,
         task_type=train_config.task_type,
         fan_in_fan_out=getattr(train_config, "fan_in_fan_out", False),
         bias=bias,
         lora_dropout=0.0,
         inference_mode=True,
     )
-    exported = get_peft_model(plain, export_config)
-    # Put W_0 back in the adapted layers: the saved files do not contain base weights, but this keeps the
-    # in-memory model the thing the files describe (and guards against PEFT ever saving base tensors).
-    peft_bridge.add_to_base_weights(
-        exported, {name: original_weights[name].to(current[name]) - current[name] for name in ranks}
-    )
-    peft_bridge.set_factors(exported, factors)
+    layers = peft_bridge.lora_layers(model, adapter_name)
+    # in the dtype PEFT gives a new adapter on these layers (float32 over a half-precision base)
+    stored = {name: f.to(_adapter_dtype(layers[name])) for name, f in factors.items()}
 
-    stored = peft_bridge.get_factors(exported)
     layer_errors, residual_sq = {}, 0.0
     for name, delta in deltas.items():
         approx = stored[name].B.to(delta) @ stored[name].A.to(delta)
@@ -380,15 +373,9 @@ def export_adapter(
             stacklevel=2,
         )
 
-    peft_config = exported.peft_config["default"]
     base_model = _base_model_id(model, adapter_name, run_info)
-    peft_config.base_model_name_or_path = base_model
-    if peft_config.modules_to_save:
-        # the task type adds its usual head names ("classifier", "score") to the list we gave: dedupe
-        peft_config.modules_to_save = list(dict.fromkeys(peft_config.modules_to_save))
-    # save_embedding_layers="auto" would look the base model up on the Hub to detect a resized vocabulary;
-    # the export never adapts embeddings and non-adapted weights do not change in federated training.
-    exported.save_pretrained(str(path), safe_serialization=safe_serialization, save_embedding_layers=False)
+    export_config.base_model_name_or_path = base_model
+    _save_adapter(model, adapter_name, layers, stored, export_config, path, safe_serialization)
     if tokenizer is not None:
         tokenizer.save_pretrained(str(path))
 
@@ -421,6 +408,71 @@ def export_adapter(
         report.max_layer_error,
     )
     return report
+
+
+def _target_modules(model: PeftModel, names: list[str]) -> list[str]:
+    """The exported layers' names as ``get_peft_model`` records them in the config it saves: from
+    ``MIN_TARGET_MODULES_FOR_OPTIMIZATION`` (20) names on, the shortest suffixes that match exactly these modules
+    (``q_proj`` rather than every layer's path), by PEFT's own function where this PEFT version has it."""
+    try:
+        from peft.tuners.tuners_utils import _find_minimal_target_modules
+        from peft.utils.constants import MIN_TARGET_MODULES_FOR_OPTIMIZATION
+    except ImportError:
+        return names
+    if len(names) < MIN_TARGET_MODULES_FOR_OPTIMIZATION:
+        return names
+    suffixes = tuple("." + name for name in names)
+    others = [key for key, _ in model.get_base_model().named_modules() if key not in names and not key.endswith(suffixes)]
+    minimal = _find_minimal_target_modules(names, others)
+    return sorted(minimal) if len(minimal) < len(names) else names
+
+
+def _adapter_dtype(layer: nn.Module) -> torch.dtype:
+    """The dtype of the LoRA factors ``get_peft_model`` creates on ``layer``'s base weight (``autocast_adapter_dtype``:
+    float32 over float16/bfloat16 and over non-float, e.g. quantized, weights; the weight's own dtype otherwise)."""
+    dtype = layer.get_base_layer().weight.dtype
+    return dtype if dtype in (torch.float32, torch.float64) else torch.float32
+
+
+def _save_adapter(
+    model: PeftModel,
+    adapter_name: str,
+    layers: Mapping[str, nn.Module],
+    factors: Mapping[str, LowRank],
+    config: LoraConfig,
+    path: Path,
+    safe_serialization: bool,
+) -> None:
+    """Write ``factors`` (per adapted layer, scale 1) and the final heads as the adapter ``config`` describes, in the
+    files and under the keys ``PeftModel.save_pretrained`` uses, without copying or changing ``model``."""
+    module_names = {id(module): name for name, module in model.named_modules()}
+    state = dict(model.state_dict())  # references to the live tensors, not copies
+    for name, layer in layers.items():
+        prefix = module_names[id(layer)]
+        state[f"{prefix}.lora_B.{adapter_name}.weight"] = factors[name].B
+        state[f"{prefix}.lora_A.{adapter_name}.weight"] = factors[name].A
+    # save_embedding_layers="auto" would look the base model up on the Hub to detect a resized vocabulary;
+    # the export never adapts embeddings and non-adapted weights do not change in federated training.
+    named = get_peft_model_state_dict(model, state_dict=state, adapter_name=adapter_name, save_embedding_layers=False)
+    # what the exported adapter has: its LoRA factors, the heads (modules_to_save) and the biases its config saves;
+    # nothing else the training adapter may carry (e.g. trainable token deltas) is part of the export
+    wanted = tuple(f"{name}." for name, module in model.named_modules() if isinstance(module, ModulesToSaveWrapper))
+    kept = {
+        key: tensor
+        for key, tensor in named.items()
+        if key.endswith((".lora_A.weight", ".lora_B.weight")) or key.startswith(wanted)
+        or (config.bias != "none" and key.endswith("bias"))
+    }
+    kept = {key: tensor.detach().to("cpu").contiguous().clone() for key, tensor in kept.items()}
+    if safe_serialization:
+        save_file(kept, str(path / SAFETENSORS_WEIGHTS_NAME), metadata={"format": "pt"})
+    else:
+        torch.save(kept, path / WEIGHTS_NAME)
+    auto_mapping = None
+    if config.task_type is None:  # as PeftModel.save_pretrained: how AutoPeftModel finds the base model class
+        base_class = type(model.get_base_model())
+        auto_mapping = {"base_model_class": base_class.__name__, "parent_library": base_class.__module__}
+    config.save_pretrained(str(path), auto_mapping_dict=auto_mapping)
 
 
 def _task_name(task_type: Any) -> str | None:

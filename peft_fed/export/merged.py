@@ -46,6 +46,12 @@ def export_merged(
     """
     model = _require_peft_model(model, adapter_name)
     path = _prepare_output_dir(output_dir, overwrite)
+    # A copy is needed here (unlike export_adapter, which writes tensors): a plain transformers model is saved from
+    # PEFT's merge_and_unload, which merges in place *and* replaces every LoRA layer and modules_to_save wrapper by
+    # the module it wraps. Undoing that on the caller's model would mean re-wrapping it and restoring W from saved
+    # copies (unmerge subtracts, which is not bit-exact), and building the merged state dict ourselves would
+    # re-implement PEFT's unloading (LoRA layers, heads, trainable tokens, quantized merges) across the PEFT versions
+    # we support. Under ZeRO-3 it runs inside peft_bridge.full_parameters, like every whole-model read.
     work = copy.deepcopy(model)
     if work.active_adapter != adapter_name:
         # unload/merge keep the *active* adapter's modules_to_save copy (its final heads)

@@ -11,8 +11,23 @@ memory. :class:`NodeStore` keeps on the node's disk (``state-dir``):
 * the client's :class:`~peft_fed.state.ClientState` after each round it trained (FedSmoothLoRA's last upload,
   FedSA-LoRA's own ``B``...), by round, the last few: the server knows only its metadata and names the one it
   expects, so a server that resumes from an older checkpoint is answered with the matching state;
-* every backbone update the server has sent (low-rank, by version), so a restarted node rebuilds its backbone
-  at any version: the base weights plus updates ``0 .. v-1`` in order, the same additions the simulation made.
+* every backbone catch-up the server has sent (a *segment*: the updates ``[start, end)`` summed per layer, in the
+  form it travelled, stacked factors or dense), so a restarted node rebuilds its backbone at the version the
+  server names: the base weights plus a contiguous chain of segments ``[0, v_1), [v_1, v_2), ... [v_k, v)``. A
+  layer that travelled as stacked factors is added update by update (the factors split back at each update's
+  rank): bit for bit the simulation's additions. A layer that travelled dense (more missed updates than one dense
+  delta is worth) is added as one sum: equal to them up to float rounding. Saving a segment that starts at ``s``
+  deletes the stored segments that end after ``s``: the server's record of the client is at ``s``, so versions
+  from ``s`` on are restated by this catch-up (a resumed server may have merged other updates there), and every
+  chain to a version ``<= s`` is kept.
+
+A node that cannot serve the server's record of its client (no chain of segments reaches the version the catch-up
+starts from: its folder was lost, or the server resumed to a version inside a segment; or, for a method that keeps
+client state, the state the server names is gone) fails the task with a one-line reason, as before, and restarts
+the client: its reply carries the metadata of a *new* client (no last round) at the furthest version its chain
+reaches (0 when nothing is left). The server's engine adopts it when the round completes
+(``RoundEngine.end_round``), so the next catch-up starts at a version the node can rebuild; with the catch-up
+bounded by one dense delta per layer, even a catch-up from version 0 costs at most that.
 
 The model and data are loaded once per process and kept for the next message when Flower reuses the process.
 """
@@ -33,9 +48,15 @@ from safetensors.torch import load_file, save_file
 
 from .. import peft_bridge
 from ..engine import ClientTask
-from ..linalg import LowRank
-from ..state import ClientState
-from .records import NodeInfo, ReplyMessage, TaskMessage, client_metadata
+from ..state import BackboneCatchUp, ClientState
+from .records import (
+    NodeInfo,
+    ReplyMessage,
+    TaskMessage,
+    client_metadata,
+    flatten_catch_up,
+    unflatten_catch_up,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -44,7 +65,7 @@ NODE_CONFIG_KEYS = {
     "partition-id": "this node's client: the partition of the run's dataset it trains on (trying it on one machine)",
     "data-path": "a local data file or folder of this node (any format `peft-fed train --dataset` takes)",
     "client-id": "with data-path: which client of the run this node is (0 .. num_clients-1)",
-    "state-dir": "where the node keeps its client state and backbone updates between rounds",
+    "state-dir": "where the node keeps its client state and backbone catch-ups between rounds",
 }
 KEPT_CLIENT_STATES = 3
 
@@ -89,12 +110,12 @@ class NodeData:
 
 
 class NodeStore:
-    """A client's state and the backbone updates it received, on the node's disk (safetensors, atomic writes)."""
+    """A client's state and the backbone catch-ups it received, on the node's disk (safetensors, atomic writes)."""
 
     def __init__(self, root: str | os.PathLike) -> None:
         self.root = Path(root)
         (self.root / "client_states").mkdir(parents=True, exist_ok=True)
-        (self.root / "backbone_updates").mkdir(parents=True, exist_ok=True)
+        (self.root / "backbone_catch_ups").mkdir(parents=True, exist_ok=True)
 
     @staticmethod
     def _save(path: Path, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, str]) -> None:
@@ -123,20 +144,42 @@ class NodeStore:
         state = ClientState.from_state_dict(load_file(path), meta)
         return state if state.backbone_version == expected.backbone_version else None
 
-    def save_backbone_updates(self, first_version: int, updates: list[dict[str, LowRank]]) -> None:
-        for offset, update in enumerate(updates):
-            flat = {f"{layer}|{key}": t for layer, lr in update.items() for key, t in (("B", lr.B), ("A", lr.A))}
-            self._save(self.root / "backbone_updates" / f"v{first_version + offset:06d}.safetensors", flat, {})
+    def _segment_path(self, start: int, end: int) -> Path:
+        return self.root / "backbone_catch_ups" / f"v{start:06d}-v{end:06d}.safetensors"
 
-    def backbone_update(self, version: int) -> dict[str, LowRank] | None:
-        path = self.root / "backbone_updates" / f"v{version:06d}.safetensors"
-        if not path.is_file():
-            return None
-        parts: dict[str, dict[str, torch.Tensor]] = {}
-        for name, tensor in load_file(path).items():
-            layer, _, key = name.rpartition("|")
-            parts.setdefault(layer, {})[key] = tensor
-        return {layer: LowRank(t["B"], t["A"]) for layer, t in parts.items()}
+    def segments(self) -> list[tuple[int, int]]:
+        """The stored catch-ups, ``(start, end)``, by start."""
+        found = []
+        for path in (self.root / "backbone_catch_ups").glob("v*-v*.safetensors"):
+            start, _, end = path.name.removesuffix(".safetensors").partition("-")
+            found.append((int(start[1:]), int(end[1:])))
+        return sorted(found)
+
+    def save_catch_up(self, catch_up: BackboneCatchUp) -> None:
+        """Store ``catch_up`` (when it carries anything) and delete the segments that end after its start."""
+        for start, end in self.segments():
+            if end > catch_up.start:
+                self._segment_path(start, end).unlink(missing_ok=True)
+        if catch_up.num_updates:
+            flat, layout = flatten_catch_up(catch_up)
+            self._save(self._segment_path(catch_up.start, catch_up.end), flat, {"layout": json.dumps(layout)})
+
+    def catch_up(self, start: int, end: int) -> BackboneCatchUp:
+        path = self._segment_path(start, end)
+        from safetensors import safe_open
+
+        with safe_open(path, "pt") as handle:
+            layout = json.loads(handle.metadata()["layout"])
+        return unflatten_catch_up(load_file(path), layout, start, end)
+
+    def chains(self) -> dict[int, list[tuple[int, int]]]:
+        """``{version: the segments that rebuild it from the base weights, in order}`` for every version a
+        contiguous chain of stored segments reaches from 0 (``{0: []}`` with nothing stored)."""
+        reached: dict[int, list[tuple[int, int]]] = {0: []}
+        for start, end in self.segments():  # by start: every chain to ``start`` is known when its segments come
+            if start in reached and end not in reached:
+                reached[end] = [*reached[start], (start, end)]
+        return reached
 
 
 def _node_trainer_class():
@@ -224,23 +267,36 @@ class NodeRuntime:
         self.backbone_version = 0
 
     def _bring_backbone_to(self, task: TaskMessage) -> str | None:
-        """Make the model's backbone the server's version ``task`` names; the reason when it cannot."""
-        broadcast = task.broadcast
-        target, received = broadcast.backbone_version, broadcast.backbone_updates
-        first_received = target - len(received)
-        self.store.save_backbone_updates(first_received, received)
-        if self.backbone_version > target:  # the server resumed from an earlier round: rebuild from the base weights
-            self._reset_backbone()
-        for version in range(self.backbone_version, target):
-            update = received[version - first_received] if version >= first_received else self.store.backbone_update(version)
-            if update is None:
+        """Make the model's backbone the server's version ``task`` names; the reason when it cannot.
+
+        The backbone must be at the catch-up's start first: kept when it is there already (this process trained the
+        client last), otherwise rebuilt from the base weights through the stored chain of segments."""
+        catch_up = task.broadcast.backbone_catch_up
+        self.store.save_catch_up(catch_up)
+        if self.backbone_version != catch_up.start:
+            chain = self.store.chains().get(catch_up.start)
+            if chain is None:
                 return (
-                    f"holds no backbone update {version} (its state folder {self.store.root} was lost?); the server "
-                    "sent only the ones after its last round"
+                    f"holds no chain of backbone catch-ups from version 0 to {catch_up.start} (its state folder "
+                    f"{self.store.root} was lost, or the server resumed inside a stored catch-up); it restarts as a new "
+                    "client"
                 )
-            peft_bridge.add_to_base_weights(self.trainer.model, update)
-            self.backbone_version = version + 1
+            self._reset_backbone()
+            for start, end in chain:
+                self._add(self.store.catch_up(start, end))
+        self._add(catch_up)
         return None
+
+    def _add(self, catch_up: BackboneCatchUp) -> None:
+        for addition in catch_up.additions():
+            peft_bridge.add_to_base_weights(self.trainer.model, addition)
+        self.backbone_version = catch_up.end
+
+    def _restart_metadata(self, task: TaskMessage) -> ClientState:
+        """A new client at the furthest version this node's chain reaches up to what it was sent (see the module)."""
+        reached = self.store.chains()
+        version = max(v for v in reached if v <= task.broadcast.backbone_version)
+        return ClientState(client_id=task.client_id, last_round=None, backbone_version=version)
 
     def train(self, task: TaskMessage) -> ReplyMessage:
         """One task: catch the backbone up, load the client's stored state, train, store the new state."""
@@ -253,10 +309,12 @@ class NodeRuntime:
         state = self.store.client_state(task.client_state)
         if state is None and self.trainer.strategy.keeps_client_state:
             problem = problem or (
-                f"holds no client state after round {task.client_state.last_round} (the server's record of this client)"
+                f"holds no client state after round {task.client_state.last_round} (the server's record of this "
+                "client); it restarts as a new client"
             )
-        if problem is not None:
-            return ReplyMessage(task.client_id, None, None, failure=problem)
+        if problem is not None:  # fails this round; the server's next catch-up starts where this node can rebuild
+            logger.warning("client %s: %s", task.client_id, problem)
+            return ReplyMessage(task.client_id, None, self._restart_metadata(task), failure=problem)
         state = state or task.client_state
         (record,) = self.trainer.train_clients(task.broadcast.round, [ClientTask(task.client_id, task.broadcast, state)])
         if record.failure is None:

@@ -3,9 +3,11 @@
 One module packs and unpacks every message, so the server and the nodes cannot disagree on a layout:
 
 * a **task** (server -> node, ``message_type="train"``): the :class:`~peft_fed.state.Broadcast` (the layers the
-  client starts from, the backbone updates it missed, the averaged heads, round and backbone version) and what
-  the server knows of the client (its :class:`~peft_fed.state.ClientState` *metadata*: the client's tensors stay on
-  the node, see :mod:`peft_fed.flower.node`);
+  client starts from; the backbone catch-up, the updates it missed, versions ``[start, backbone_version)``, summed
+  per layer in the form the server chose, stacked factors with each update's rank or the dense sum; the averaged
+  heads, round and backbone version) and what the server knows of the client (its
+  :class:`~peft_fed.state.ClientState` *metadata*: the client's tensors stay on the node, see
+  :mod:`peft_fed.flower.node`);
 * a **reply** (node -> server): the :class:`~peft_fed.state.Upload`, the client's new metadata, its losses and
   timings, or the reason it failed;
 * a **query** (server -> node, ``message_type="query"``) and its reply: which client a node is, how many samples
@@ -26,11 +28,12 @@ from typing import Any
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 
-from ..linalg import LowRank
-from ..state import Broadcast, ClientState, LayerTensors, Upload
+from ..linalg import ExactSum
+from ..state import BackboneCatchUp, Broadcast, ClientState, LayerTensors, Upload
 
-#: bump when the layout below changes; a node and a server must agree on it
-PROTOCOL = "peft-fed/1"
+#: bump when the layout below changes; a node and a server must agree on it (2: the backbone catch-up, one exact sum
+#: per layer, replaced the list of per-version updates)
+PROTOCOL = "peft-fed/2"
 
 TRAIN = "train"
 QUERY = "query"
@@ -38,7 +41,7 @@ QUERY = "query"
 _META = "peft_fed.meta"
 _LAYERS = "peft_fed.layers"
 _EXTRAS = "peft_fed.extras"
-_UPDATES = "peft_fed.updates"
+_CATCH_UP = "peft_fed.catch_up"
 _SEP = "|"
 
 
@@ -89,28 +92,40 @@ def _unflatten_layers(flat: Mapping[str, torch.Tensor]) -> LayerTensors:
     return layers
 
 
-def _flatten_updates(updates: list[dict[str, LowRank]], first_version: int) -> dict[str, torch.Tensor]:
-    flat = {}
-    for offset, update in enumerate(updates):
-        for layer, low_rank in update.items():
-            flat[f"{first_version + offset}{_SEP}{layer}{_SEP}B"] = low_rank.B
-            flat[f"{first_version + offset}{_SEP}{layer}{_SEP}A"] = low_rank.A
-    return flat
+def flatten_catch_up(catch_up: BackboneCatchUp) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, Any]]]:
+    """Each layer as it travels, ``{"layer|B": B_cat, "layer|A": A_cat}`` or ``{"layer|dense": sum}``, and its layout
+    ``{layer: {"form": form, "ranks": [rank of each stacked update]}}`` (no ranks for a dense sum)."""
+    flat, layout = {}, {}
+    for layer, delta in catch_up.layers.items():
+        for key, tensor in delta.tensors().items():
+            flat[f"{layer}{_SEP}{key}"] = tensor
+        layout[layer] = {"form": delta.form, "ranks": list(delta.term_ranks) if delta.form == "low_rank" else []}
+    return flat, layout
 
 
-def _unflatten_updates(flat: Mapping[str, torch.Tensor], first_version: int, count: int) -> list[dict[str, LowRank]]:
-    parts: list[dict[str, dict[str, torch.Tensor]]] = [{} for _ in range(count)]
-    for name, tensor in flat.items():
-        version, _, rest = name.partition(_SEP)
-        layer, _, key = rest.rpartition(_SEP)
-        index = int(version) - first_version
-        if not 0 <= index < count or key not in ("B", "A"):
-            raise MalformedMessageError(f"backbone update tensor {name!r} is outside the versions announced")
-        parts[index].setdefault(layer, {})[key] = tensor
+def unflatten_catch_up(
+    flat: Mapping[str, torch.Tensor], layout: Mapping[str, Mapping[str, Any]], start: int, end: int
+) -> BackboneCatchUp:
+    """The catch-up ``[start, end)`` from its tensors; every layer must carry exactly the tensors of its announced form."""
+    parts = _unflatten_layers(flat)
+    if set(parts) != set(layout):
+        raise MalformedMessageError(
+            f"the backbone catch-up announces layers {sorted(layout)[:3]}... but carries {sorted(parts)[:3]}..."
+        )
+    layers = {}
+    for layer, announced in layout.items():
+        try:
+            form, ranks = str(announced["form"]), [int(r) for r in announced["ranks"]]
+            delta = ExactSum.from_tensors(parts[layer], ranks)
+        except (KeyError, TypeError, ValueError) as error:
+            raise MalformedMessageError(f"the backbone catch-up of layer {layer!r}: {error}") from None
+        if delta.form != form:
+            raise MalformedMessageError(f"the backbone catch-up of layer {layer!r} is announced {form!r}, sent {delta.form!r}")
+        layers[layer] = delta
     try:
-        return [{layer: LowRank(t["B"], t["A"]) for layer, t in part.items()} for part in parts]
-    except KeyError as missing:
-        raise MalformedMessageError(f"a backbone update lacks its {missing} factor") from None
+        return BackboneCatchUp(start=start, end=end, layers=layers)
+    except ValueError as error:
+        raise MalformedMessageError(str(error)) from None
 
 
 # ------------------------------------------------------------------ meta
@@ -165,42 +180,40 @@ def client_metadata(state: ClientState) -> ClientState:
 
 def pack_task(task: TaskMessage) -> RecordDict:
     broadcast, state = task.broadcast, task.client_state
-    first_version = broadcast.backbone_version - len(broadcast.backbone_updates)
     layers, layer_dtypes = _pack_tensors(_flatten_layers(broadcast.layers))
     extras, extra_dtypes = _pack_tensors(broadcast.extras)
-    updates, update_dtypes = _pack_tensors(_flatten_updates(broadcast.backbone_updates, first_version))
+    catch_up_tensors, catch_up_layout = flatten_catch_up(broadcast.backbone_catch_up)
+    catch_up, catch_up_dtypes = _pack_tensors(catch_up_tensors)
     body = {
         "client_id": task.client_id,
         "run_digest": task.run_digest,
         "settings": task.settings,
         "round": broadcast.round,
         "backbone_version": broadcast.backbone_version,
-        "first_update_version": first_version,
-        "num_updates": len(broadcast.backbone_updates),
+        "catch_up": {"start": broadcast.backbone_catch_up.start, "layout": catch_up_layout},
         "client_last_round": state.last_round,
         "client_backbone_version": state.backbone_version,
-        "dtypes": {"layers": layer_dtypes, "extras": extra_dtypes, "updates": update_dtypes},
+        "dtypes": {"layers": layer_dtypes, "extras": extra_dtypes, "catch_up": catch_up_dtypes},
     }
-    return _record_dict(body, **{_LAYERS: layers, _EXTRAS: extras, _UPDATES: updates})
+    return _record_dict(body, **{_LAYERS: layers, _EXTRAS: extras, _CATCH_UP: catch_up})
 
 
 def unpack_task(content: RecordDict) -> TaskMessage:
     body = _meta(content, "the server's task")
     try:
         dtypes = body["dtypes"]
-        first, count = int(body["first_update_version"]), int(body["num_updates"])
         layers = _unflatten_layers(_unpack_tensors(content.get(_LAYERS), dtypes["layers"]))
         extras = _unpack_tensors(content.get(_EXTRAS), dtypes["extras"])
-        updates = _unflatten_updates(_unpack_tensors(content.get(_UPDATES), dtypes["updates"]), first, count)
-        broadcast = Broadcast(
-            round=int(body["round"]),
-            layers=layers,
-            backbone_updates=updates,
-            backbone_version=int(body["backbone_version"]),
-            extras=extras,
+        version = int(body["backbone_version"])
+        catch_up = unflatten_catch_up(
+            _unpack_tensors(content.get(_CATCH_UP), dtypes["catch_up"]),
+            {str(layer): dict(announced) for layer, announced in dict(body["catch_up"]["layout"]).items()},
+            int(body["catch_up"]["start"]),
+            version,
         )
-        if first + count != broadcast.backbone_version:
-            raise MalformedMessageError("the backbone updates do not end at the broadcast's backbone version")
+        broadcast = Broadcast(
+            round=int(body["round"]), layers=layers, backbone_catch_up=catch_up, backbone_version=version, extras=extras
+        )
         state = ClientState(
             client_id=str(body["client_id"]),
             last_round=body["client_last_round"],
@@ -243,14 +256,20 @@ def reply_from_metadata(metadata: Mapping[str, Any]) -> ReplyMessage:
 
 def record_from_reply(client_id: str, node_id: int, reply: ReplyMessage):
     """The round engine's record of ``reply`` from client ``client_id`` on node ``node_id``: a failure when the reply
-    names another client or the client failed. ``trained`` is left out: a node sends what its method uploads."""
+    names another client or the client failed. ``trained`` is left out: a node sends what its method uploads.
+
+    A failure that carries client metadata is a node that could not serve the server's record of its client (its
+    backbone chain or its client state is gone) and restarts it as a new client at the version it can rebuild: the
+    record carries that metadata and the engine adopts it (``RoundEngine.end_round``), so the next catch-up the
+    server sends starts there."""
     from ..engine import ClientRecord
 
     if reply.client_id != client_id or (reply.upload is not None and str(reply.upload.client_id) != client_id):
         return ClientRecord(client_id, None, None, None, 0, failure=f"(node {node_id}) replied for client {reply.client_id}")
     if reply.failure is not None or reply.upload is None:
         why = reply.failure or "sent no upload"
-        return ClientRecord(client_id, None, None, None, reply.num_samples, failure=f"(node {node_id}) {why}")
+        restart = reply.client_state if reply.failure is not None else None
+        return ClientRecord(client_id, None, restart, None, reply.num_samples, failure=f"(node {node_id}) {why}")
     losses = reply.losses
     return ClientRecord(
         client_id=client_id,

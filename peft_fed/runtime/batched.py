@@ -327,6 +327,11 @@ class BatchedClientExecutor:
             slot.factors[name] = (B, A)
             if name in start.backbone_offsets:
                 slot.offsets[name] = _offset_factors(start.backbone_offsets[name].to(device, dtype))
+        if start.backbone_offsets:
+            # client_end needs the dense offsets after training, but the round's K clients' m x n matrices are not
+            # held on the device together (their factors train): they wait on the CPU, where client_end forms the
+            # upload. The sequential round keeps its one client's offsets on the device instead.
+            start = slot.start = replace(start, backbone_offsets={n: o.to("cpu") for n, o in start.backbone_offsets.items()})
         params = dict(trainer.model.named_parameters())
         for name in trainer.extra_names:
             value = start.extras.get(name, params[name].detach())

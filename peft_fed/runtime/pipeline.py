@@ -272,7 +272,7 @@ def load_run(config: FederatedRunConfig, *, tokenize_clients: bool = True, token
     modules_to_save = default_modules_to_save(model, task_type)
     peft_model = get_peft_model(model, _peft_config(config, task_type, target_modules, modules_to_save))
     if tokenize_clients:
-        client_train = [task.preprocess(d, tokenizer, name=f"client {i}") for i, d in enumerate(client_train)]
+        client_train = task.preprocess_partitions(client_train, tokenizer)
     if tokenize_eval:
         evaluation = task.preprocess(evaluation, tokenizer, name="eval")
     return LoadedRun(config, peft_model, tokenizer, task, client_train, evaluation)

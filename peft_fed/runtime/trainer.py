@@ -450,19 +450,24 @@ class FederatedTrainer(Trainer):
 
     @contextlib.contextmanager
     def _process_local_training(self) -> Iterator[None]:
-        """In client-parallel mode, make Accelerate treat this process as alone while it trains a client."""
+        """In client-parallel mode, make Accelerate treat this process as alone while it trains a client.
+
+        Both the distributed type and the process count: ``prepare_data_loader`` shards a data loader's batches
+        across ``num_processes`` whatever the distributed type, so with the count left at N each process would
+        train its client on 1/N of the client's batches (in another order), and a run would depend on how many
+        processes it had."""
         if not self._client_parallel:
             yield
             return
         state = self.accelerator.state
-        saved_type, saved_average = state.distributed_type, self.args.average_tokens_across_devices
+        saved = state.distributed_type, state.num_processes, self.args.average_tokens_across_devices
         try:
             state.distributed_type = DistributedType.NO  # no DDP wrapper, no gradient all-reduce
+            state.num_processes = 1  # the client's whole data loader, unsharded
             self.args.average_tokens_across_devices = False
             yield
         finally:
-            state.distributed_type = saved_type
-            self.args.average_tokens_across_devices = saved_average
+            state.distributed_type, state.num_processes, self.args.average_tokens_across_devices = saved
 
     # ------------------------------------------------------------------ federated loop
 
@@ -509,8 +514,9 @@ class FederatedTrainer(Trainer):
 
     def train_clients(self, round_index: int, tasks: Sequence[ClientTask]) -> list[ClientRecord]:
         """Train this process's share of the round's clients with the Trainer's loop, one after another; in
-        client-parallel mode the records of every process are gathered, so every process sees them all; in batched
-        mode all of them together (``runtime/batched.py``)."""
+        client-parallel mode the records of every process are gathered, so every process sees them all (the trained
+        factors only the main process: :meth:`_gather_records`); in batched mode all of them together
+        (``runtime/batched.py``)."""
         if self._batched_executor is not None:
             return self._batched_executor.train_clients(round_index, tasks)
         rank, world = self.accelerator.process_index, self.accelerator.num_processes
@@ -524,7 +530,24 @@ class FederatedTrainer(Trainer):
         records = [self._train_one_client(round_index, task) for task in progress]
         if not self._client_parallel:
             return records
-        return [record for chunk in gather_object([records]) for record in chunk]
+        return self._gather_records(records)
+
+    def _gather_records(self, records: list[ClientRecord]) -> list[ClientRecord]:
+        """Every process's records on every process, without the clients' trained factors except on the main one.
+
+        Each process aggregates the round itself, from the uploads, client states and losses, which all of them get.
+        The full trained factors (as large as an upload, and not what FedSmoothLoRA or FFA-LoRA upload) feed only the
+        round's diagnostics, which only the main process writes (``metrics.jsonl``, ``report_to``, checkpoints): they
+        go to it alone, and the other processes' rows have no diagnostics, as a deployment's have none."""
+        light = [replace(record, trained=None) for record in records]
+        everyone = [record for chunk in gather_object([light]) for record in chunk]
+        mine = {record.client_id: record.trained for record in records if record.trained is not None}
+        parts = [None] * self.accelerator.num_processes if self.accelerator.is_main_process else None
+        torch.distributed.gather_object(mine, parts, dst=0)
+        if parts is None:
+            return everyone
+        trained = {client_id: factors for part in parts for client_id, factors in part.items()}
+        return [replace(record, trained=trained.get(record.client_id)) for record in everyone]
 
     def apply_backbone_update(self, update: Mapping[str, LowRank]) -> None:
         peft_bridge.add_to_base_weights(self.model, update)

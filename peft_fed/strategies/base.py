@@ -29,6 +29,7 @@ import torch
 
 from ..linalg import LowRank, stack_low_rank
 from ..state import (
+    BackboneCatchUp,
     Broadcast,
     ClientStart,
     ClientState,
@@ -289,13 +290,19 @@ class Strategy(ABC):
 
         Only the client's metadata is read (``backbone_version``, ``last_round``), never its tensors, so a
         deployed server can pass what the client reported. ``None`` means a client seen for the first time.
+
+        A method that merges sends the backbone updates the client missed as one exact sum per layer
+        (``ServerState.catch_up``: the stacked factors or the dense sum, whichever is fewer bytes), so the
+        downlink never exceeds one dense delta per layer however long the client was away.
         """
         client = client if client is not None else ClientState(client_id="")
         return Broadcast(
             round=state.round,
             layers=self._broadcast_layers(state, client),
-            backbone_updates=(
-                state.updates_since(client.backbone_version) if self.merges_into_backbone else []
+            backbone_catch_up=(
+                state.catch_up(client.backbone_version)
+                if self.merges_into_backbone
+                else BackboneCatchUp(start=state.backbone_version, end=state.backbone_version)
             ),
             backbone_version=state.backbone_version,
             extras=dict(state.extras),

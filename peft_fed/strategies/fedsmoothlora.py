@@ -303,7 +303,12 @@ class FedSmoothLoRA(Strategy):
     # ------------------------------------------------------------------ client
 
     def round_matching(self, broadcast: Broadcast, client_state: ClientState) -> dict[str, torch.Tensor]:
-        """``W_rm = zeta_t (U_c - D_c)`` per layer (zeros on first participation)."""
+        """``W_rm = zeta_t (U_c - D_c)`` per layer (zeros on first participation).
+
+        ``s D_c`` is the broadcast's backbone catch-up, the exact sum of the updates merged since the client last
+        trained, read as ``B_cat @ A_cat`` (one product of the stacked factors, or that product as sent dense): the
+        per-version sum ``sum_v B_v A_v`` up to float rounding (bit-identical for one missed update; within
+        ``1e-5 * max |sum|`` in float32, tested in ``tests/strategies/test_catch_up.py``)."""
         zeta = self.zeta_at(broadcast.round)
         matrices: dict[str, torch.Tensor] = {}
         for name, spec in self.specs.items():
@@ -312,15 +317,17 @@ class FedSmoothLoRA(Strategy):
                 continue
             own = client_state.layers[name]
             last_upload = own["U_B"] @ own["U_A"]
-            merged = sum(
-                (update[name].dense() for update in broadcast.backbone_updates),
-                torch.zeros_like(last_upload),
-            )
+            missed = broadcast.backbone_catch_up.layers.get(name)
+            merged = missed.dense() if missed is not None else torch.zeros_like(last_upload)
             matrices[name] = zeta * (last_upload - merged / spec.scale)
         return matrices
 
     def gradient_aligned(self, gradients: Mapping[str, torch.Tensor]) -> dict[str, LowRank]:
-        """LoRA-GA's ArB2r factors of each layer's gradient with the "stable" scale."""
+        """LoRA-GA's ArB2r factors of each layer's gradient with the "stable" scale, on the gradient's device.
+
+        ``B A = U[:, r:2r] V[:, :r]^T`` pairs vectors of different singular triplets, so it depends on each one's
+        arbitrary sign: the SVD takes LAPACK's signs on every device (``cpu_signs``), so that a GPU client starts
+        where the same client on the CPU does."""
         factors: dict[str, LowRank] = {}
         for name, spec in self.specs.items():
             G = gradients[name]
@@ -332,6 +339,7 @@ class FedSmoothLoRA(Strategy):
                 oversampling=self.hyperparameters.svd_oversampling or 4 * r,  # SPEC: q = 4r for the 2r vectors needed
                 power_iterations=self.hyperparameters.svd_power_iterations,
                 generator_seed=self.seed,
+                cpu_signs=True,
             )
             stable = spec.out_features**0.25 / math.sqrt(self.hyperparameters.gamma)
             factors[name] = LowRank(
@@ -345,21 +353,28 @@ class FedSmoothLoRA(Strategy):
     ) -> ClientStart:
         if gradient_fn is None:
             raise ValueError("FedSmoothLoRA's Gradient-Aligned init needs a gradient_fn from the runtime")
+        # Built from the client's state and the broadcast (CPU tensors, like a server's); the runtime's gradient_fn
+        # puts the offsets where the model is.
         round_matching = self.round_matching(broadcast, client_state)
         start_offsets = {name: spec.scale * round_matching[name] for name, spec in self.specs.items()}
         gradients = gradient_fn(start_offsets)
+        # From here on the client's mathematics runs where its gradients are (the model's device): the SVDs (but the
+        # small step that fixes the signs, see gradient_aligned), the start factors and the dense offsets stay there
+        # and go into the model without a round trip.
         aligned = self.gradient_aligned(gradients)
         first = client_state.last_round is None
+        exact = self.hyperparameters.exact_round_matching
         factors: dict[str, LowRank] = {}
         offsets: dict[str, torch.Tensor] = {}
         for name, spec in self.specs.items():
             W_ga = aligned[name].dense()
+            W_rm = round_matching[name].to(W_ga.device) if exact or not first else None  # moved once, if used
             if first:
                 factors[name] = aligned[name]
             else:
-                factors[name] = self.rank_r_factors(W_ga + round_matching[name], spec.rank)
-            if self.hyperparameters.exact_round_matching:
-                offsets[name] = spec.scale * (round_matching[name] - factors[name].dense())
+                factors[name] = self.rank_r_factors(W_ga + W_rm, spec.rank)
+            if exact:
+                offsets[name] = spec.scale * (W_rm - factors[name].dense())
             else:
                 offsets[name] = -spec.scale * W_ga
         return ClientStart(
@@ -374,12 +389,17 @@ class FedSmoothLoRA(Strategy):
         )
 
     def _client_end_layers(self, trained, start):
-        """Upload ``U_c = SVD_r(B A + offset / s)`` (= ``SVD_r(B A - W_ga)``) and keep it for Round-Matching."""
+        """Upload ``U_c = SVD_r(B A + offset / s)`` (= ``SVD_r(B A - W_ga)``) and keep it for Round-Matching.
+
+        Computed where the offset lives (``client_begin``'s device: the model's), the small trained factors moved
+        there; the rank-r result goes to the device of ``trained`` (the bridge's CPU copies), so what the client
+        sends and keeps crosses once, at rank r, and never as an ``m x n`` matrix."""
         uploads: LayerTensors = {}
         kept: LayerTensors = {}
         for name, spec in self.specs.items():
-            local_change = trained[name].dense().detach() + start.backbone_offsets[name] / spec.scale
-            U_c = self.rank_r_factors(local_change, spec.rank)
+            offset = start.backbone_offsets[name]
+            local_change = trained[name].to(offset.device).dense().detach() + offset / spec.scale
+            U_c = self.rank_r_factors(local_change, spec.rank).to(trained[name].B.device)
             uploads[name] = {"B": U_c.B, "A": U_c.A}
             kept[name] = {"U_B": U_c.B.clone(), "U_A": U_c.A.clone()}
         return uploads, kept

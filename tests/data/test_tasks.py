@@ -396,3 +396,35 @@ def test_accuracy_metric_loads_offline_from_the_package(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip().splitlines()[-1] == "0.75"
+
+
+@pytest.mark.parametrize(
+    ("task_type", "raw", "kwargs"),
+    [
+        ("mc_causal", MC_ROWS, {}),
+        ("seq_cls", {"text": ["a red fruit", "a large mammal", "a sweet fruit", "a small mammal"] * 2,
+                     "label": ["fruit", "animal", "fruit", "animal"] * 2}, {"label_names": ["animal", "fruit"]}),
+    ],
+)  # fmt: skip
+def test_tokenizing_the_partitions_in_one_pass_equals_each_on_its_own(task_type, raw, kwargs, decoder_tokenizer):
+    spec = TaskSpec(task_type, max_length=24, **kwargs)
+    data = datasets.Dataset.from_dict(raw)
+    order = np.random.default_rng(0).permutation(len(data)).tolist()
+    partitions = [data.select(order[:1]), data.select(order[1:3]), data.select(order[3:])]  # as a partitioner gives
+    together = spec.preprocess_partitions(partitions, decoder_tokenizer)
+    alone = [spec.preprocess(partition, decoder_tokenizer) for partition in partitions]
+    assert [len(d) for d in together] == [len(d) for d in partitions]
+    for joint, own in zip(together, alone, strict=True):
+        assert joint.column_names == own.column_names and joint[:] == own[:]
+    assert spec.preprocess_partitions([], decoder_tokenizer) == []
+
+
+def test_image_partitions_keep_their_own_lazy_transform():
+    from transformers import ViTImageProcessor
+
+    processor = ViTImageProcessor(size={"height": 16, "width": 16})
+    spec = TaskSpec("image_cls", num_labels=3, image_column="img")
+    data = _image_dataset()
+    clients = spec.preprocess_partitions([data.select([0, 1]), data.select([2, 3, 4, 5])], processor)
+    assert [len(c) for c in clients] == [2, 4]
+    assert torch.equal(clients[1][2]["pixel_values"], spec.preprocess(data, processor)[4]["pixel_values"])

@@ -155,3 +155,54 @@ def test_rounds_must_follow_in_order():
     engine, _ = engine_for("fedit")
     with pytest.raises(ValueError, match="cannot follow"):
         engine.play_round(1)
+
+
+def test_downlink_bytes_are_the_catch_ups_really_sent():
+    """``downlink_bytes`` counts each broadcast's backbone catch-up in the form it travels: per layer the smaller of
+    the stacked factors of the missed rank-r updates and the dense m x n sum (float64 here)."""
+    engine, _ = engine_for("fedsmoothlora", per_round=2)
+    sent: list[list] = []
+    configure = engine.strategy.configure
+
+    def recording(state, client=None):
+        broadcast = configure(state, client)
+        if len(sent) <= state.round:
+            sent.append([])
+        sent[state.round].append((state.backbone_version - client.backbone_version, broadcast))
+        return broadcast
+
+    engine.strategy.configure = recording
+    history = engine.run(6, show_progress=False)
+    for row, broadcasts in zip(history, sent, strict=True):
+        assert row["downlink_bytes"] == sum(b.nbytes for _, b in broadcasts)
+        for away, broadcast in broadcasts:
+            assert broadcast.nbytes == sum(8 * min(away * s.rank * (s.out_features + s.in_features), s.out_features * s.in_features)
+                                           for s in SPECS.values())  # fmt: skip
+    assert max(away for broadcasts in sent for away, _ in broadcasts) >= 2  # some client was away for several merges
+
+
+def test_a_failed_client_that_restarts_becomes_a_new_client_at_the_version_it_reports(caplog):
+    """A deployed node that lost what the server's record of its client names fails the round and restarts the
+    client (a new client at a version it can rebuild): the engine adopts that state, so the next catch-up starts there."""
+    engine, executor = engine_for("fedsmoothlora", per_round=4)
+    engine.play_round(0)
+    original = executor.train_clients
+
+    def restarting(round_index, tasks, restart=None):
+        restart = restart or ClientState("1", None, 0)
+        return [ClientRecord("1", None, restart, None, 0, failure="holds no chain") if r.client_id == "1" else r
+                for r in original(round_index, tasks)]  # fmt: skip
+
+    executor.train_clients = restarting
+    row = engine.play_round(1)
+    assert row["dropped_clients"] == {"1": "holds no chain"}
+    state = engine.client_states["1"]
+    assert (state.last_round, state.backbone_version, state.layers) == (None, 0, {})
+    assert engine.strategy.configure(engine.server_state, state).backbone_catch_up.start == 0
+    assert engine.client_states["0"].last_round == 1  # the others trained as usual
+    for wrong in (ClientState("1", None, 7), ClientState("1", 0, 0)):  # a version the server lacks; not a new client
+        executor.train_clients = lambda round_index, tasks, wrong=wrong: restarting(round_index, tasks, wrong)
+        before = engine.client_states["1"]
+        engine.play_round(engine.completed_rounds)
+        assert engine.client_states["1"] == before
+    assert "asked to restart at backbone version 7" in caplog.text

@@ -45,6 +45,40 @@ def test_fedsmoothlora_with_partial_participation_equals_the_simulation(model, t
     assert all(row["downlink_wire_bytes"] > row["downlink_bytes"] and row["uplink_wire_bytes"] > row["uplink_bytes"] for row in rows)
 
 
+def test_a_client_back_after_three_merges_gets_their_dense_sum_and_equals_the_simulation(model, tmp_path):
+    """Seed 2 samples clients 2, 0, 1, 2 (one per round): client 1 first trains at version 2 and gets the catch-up
+    [0, 2) stacked, which its node adds update by update, so the deployment stays bit for bit the simulation; client
+    2 trained at version 0 and returns at version 3: its catch-up [0, 3) is sent dense (3 rank-8 updates of a 32 x 32
+    layer are more numbers than the matrix), D_c is read from it and its node adds it as one sum, equal to the
+    simulation's three additions up to float rounding. That last round is compared where rounding stays rounding:
+    the backbone, the heads, the losses (SGD: Adam turns rounding-level differences in near-zero gradients into
+    lr-sized steps). Its merged update is not compared: FedSmoothLoRA's upload ``SVD_r(B A - W_ga)`` of this tiny
+    model after 2 steps is of the order of float32 rounding of ``W_ga`` (products ~1e-7 on the query layers)."""
+    settings = small_settings(model, "fedsmoothlora", tmp_path / "sim", num_clients=3, clients_per_round=1, num_rounds=4,
+                              seed=2, optim="sgd", learning_rate=0.05)  # fmt: skip
+    simulated = simulate(settings)
+    grid = InProcessGrid(_nodes(tmp_path, 3))
+    serve(grid, {**settings, "output_dir": str(tmp_path / "deployed"), "node_wait": 5})
+    deployed = deployed_result(tmp_path / "deployed")
+    assert [row["clients"] for row in deployed["history"]] == [["2"], ["0"], ["1"], ["2"]]
+    sent = [records.unpack_task(message.content).broadcast.backbone_catch_up for message in grid.sent if message.metadata.message_type == "train"]
+    assert [(c.start, c.end) for c in sent] == [(0, 0), (0, 1), (0, 2), (0, 3)]
+    assert [sorted({d.form for d in c.layers.values()}) for c in sent] == [[], ["low_rank"], ["low_rank"], ["dense"]]
+    for version in range(3):  # every merge up to the dense catch-up: bit for bit
+        for name, update in simulated["state"].backbone_history[version].items():
+            mine = deployed["state"].backbone_history[version][name]
+            assert torch.equal(mine.B, update.B) and torch.equal(mine.A, update.A), (version, name)
+    for name, weight in simulated["backbone"].items():
+        torch.testing.assert_close(deployed["backbone"][name], weight, atol=1e-6, rtol=1e-5)
+    ours, theirs = deployed["state"].extras, simulated["state"].extras
+    assert sorted(ours) == sorted(theirs)
+    for name in theirs:
+        torch.testing.assert_close(ours[name], theirs[name], atol=1e-6, rtol=1e-5)
+    for mine, reference in zip(deployed["history"], simulated["history"], strict=True):
+        assert abs(mine["train_loss"] - reference["train_loss"]) < 1e-6 and mine["downlink_bytes"] == reference["downlink_bytes"]
+    assert sorted(p.name for p in tmp_path.glob("node-2/run-*/backbone_catch_ups/*")) == ["v000000-v000003.safetensors"]
+
+
 def test_a_lost_node_is_dropped_like_a_failed_client(model, tmp_path, caplog):
     settings = small_settings(model, "fedit", tmp_path / "sim")
     simulated = simulate(settings, drop={(1, "1")})
@@ -56,6 +90,36 @@ def test_a_lost_node_is_dropped_like_a_failed_client(model, tmp_path, caplog):
     assert list(deployed["history"][1]["dropped_clients"]) == ["1"]
     assert "sent no reply" in deployed["history"][1]["dropped_clients"]["1"]
     assert "round 2: client 1 (node 101) sent no reply" in caplog.text
+
+
+def test_a_node_that_lost_its_folder_restarts_its_client_and_the_next_catch_up_brings_it_back(model, tmp_path, caplog):
+    # 2 clients every round; node 101's folder is lost before round 3: it holds no chain of catch-ups to version 1, fails
+    # that round in one line and restarts client 1 as a new client at version 0; round 4 sends it the catch-up [0, 3),
+    # dense (3 rank-8 updates of a 32 x 32 layer are more numbers than the matrix), and it trains again
+    import shutil
+
+    def lose_folder(round_index: int, node: int) -> bool:
+        if (round_index, node) == (2, 101):
+            shutil.rmtree(tmp_path / "node-1")
+        return False
+
+    settings = small_settings(model, "fedsmoothlora", tmp_path / "deployed", num_rounds=4, node_wait=5)
+    with caplog.at_level(logging.WARNING):
+        serve(InProcessGrid(_nodes(tmp_path, 2), lost=lose_folder), settings)
+    deployed = deployed_result(tmp_path / "deployed")
+    history = deployed["history"]
+    assert [sorted(row["dropped_clients"]) for row in history] == [[], [], ["1"], []]
+    assert history[2]["dropped_clients"]["1"].startswith("(node 101) holds no chain of backbone catch-ups from version 0 to 1")
+    assert "client 1 restarts as a new client at backbone version 0" in caplog.text
+    assert deployed["client_states"]["1"].last_round == 3 and deployed["client_states"]["1"].backbone_version == 3
+    (segment,) = [p.name for p in tmp_path.glob("node-1/run-*/backbone_catch_ups/*.safetensors")]
+    assert segment == "v000000-v000003.safetensors"
+    layers = deployed["state"].backbone_history[0]
+    dense = sum(4 * u.shape[0] * u.shape[1] for u in layers.values())
+    stacked = sum(u.nbytes for u in layers.values())  # one rank-8 update, float32
+    # round 1 sent the heads alone (both clients at version 0); round 4 the heads plus client 0's one missed update
+    # and client 1's three, summed dense
+    assert history[3]["downlink_bytes"] - history[0]["downlink_bytes"] == stacked + dense
 
 
 def _poison(round_index: int, node: int, reply: Message) -> Message:
@@ -155,13 +219,13 @@ def test_a_node_refuses_a_server_of_another_protocol_in_one_line(tmp_path):
 
     InProcessGrid({})  # sets the process's Flower task identity, as a ClientApp process has it
     content = records.pack_task(records.TaskMessage("0", Broadcast(round=0), ClientState("0"), {}, "run"))
-    content["peft_fed.meta"] = ConfigRecord({"protocol": "peft-fed/2", "body": "{}"})
+    content["peft_fed.meta"] = ConfigRecord({"protocol": "peft-fed/1", "body": "{}"})
     message = Message(content=content, dst_node_id=7, message_type="train")
     context = Context(run_id=1, node_id=7, node_config={"partition-id": 0}, state=RecordDict(), run_config={})
     reply = node_train(message, context)
     assert reply.has_error() and reply.error.code == REFUSED
     assert reply.error.reason == (
-        "the server's task speaks protocol 'peft-fed/2', this side 'peft-fed/1': install the same peft-fed version "
+        "the server's task speaks protocol 'peft-fed/1', this side 'peft-fed/2': install the same peft-fed version "
         "on the server and every node"
     )
 

@@ -113,6 +113,11 @@ def main(argv=None) -> None:
     trainer.train()
     if trainer.is_world_process_zero():
         torch.save(final_state(trainer), Path(out) / "final_state.pt")
+    if trainer.accelerator.num_processes > 1:  # each process's own history (the main one also writes metrics.jsonl)
+        import json
+
+        rank = trainer.accelerator.process_index
+        (Path(out) / f"history-{rank}.json").write_text(json.dumps(trainer.history))
 
 
 def _slow_down_checkpoint_writes(seconds: float) -> None:

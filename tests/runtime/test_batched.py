@@ -69,7 +69,7 @@ def test_fedsmoothlora_clients_at_different_backbone_versions(tmp_path, exact_ro
         def recording_configure(state, client=None, configure=configure, mode=mode):
             broadcast = configure(state, client)
             if mode == "batched":
-                versions_sent.append([state.round, len(broadcast.backbone_updates)])
+                versions_sent.append([state.round, broadcast.backbone_catch_up.num_updates])
             return broadcast
 
         trainer.strategy.configure = recording_configure

@@ -127,6 +127,9 @@ def test_upload_bytes_are_exact(build, specs, new_clients):
 def test_flora_downlink_carries_stacked_update(build, specs, new_clients):
     strategy, _, history, outputs, clients = _run(build, specs, new_clients, "flora", rounds=1)
     broadcast = strategy.configure(history[-1], clients["0"])
-    assert len(broadcast.backbone_updates) == 1
-    assert broadcast.nbytes == 8 * sum(2 * s.rank * (s.out_features + s.in_features) for s in specs.values())
+    assert broadcast.backbone_catch_up.num_updates == 1
+    # the 2 clients' stacked update (rank 2r), or the dense m x n matrix where that is fewer numbers (8 x 14, r = 3)
+    assert broadcast.nbytes == 8 * sum(min(2 * s.rank * (s.out_features + s.in_features), s.out_features * s.in_features)
+                                       for s in specs.values())  # fmt: skip
+    assert [d.form for d in broadcast.backbone_catch_up.layers.values()] == ["low_rank", "dense"]
     assert broadcast.backbone_version == 1

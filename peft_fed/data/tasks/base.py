@@ -213,6 +213,23 @@ class TaskSpec:
             desc=f"Tokenizing for {self.task_type}",
         )
 
+    def preprocess_partitions(self, partitions: Sequence[datasets.Dataset], tokenizer) -> list[datasets.Dataset]:
+        """Tokenize the clients' training sets in one pass: the result equals ``preprocess`` of each partition.
+
+        The partitions are concatenated, tokenized by one ``datasets.map`` and cut back into the same row ranges
+        (``select`` of a range only adds an indices mapping). One ``map`` per client cost 112 s at 1,000 clients of
+        12 rows against 5 s this way (``benchmarks/memory_clients.py``'s data): each ``map`` has a fixed cost
+        (fingerprint, cache, progress bar) much larger than tokenizing 12 rows.
+        """
+        if not partitions:
+            return []
+        tokenized = self.preprocess(datasets.concatenate_datasets(list(partitions)), tokenizer, name="training set")
+        clients, start = [], 0
+        for partition in partitions:
+            clients.append(tokenized.select(range(start, start + len(partition))))
+            start += len(partition)
+        return clients
+
     def collator(self, tokenizer) -> Callable[[list[dict[str, Any]]], dict[str, torch.Tensor]]:
         """Batch collator padding to the longest sequence of the batch (left padding for `mc_causal`; `image_cls`
         stacks `pixel_values`, `tokenizer` may then be the image processor)."""

@@ -39,6 +39,10 @@ class ImageClassificationTask(_ClassificationTask):
 
     preprocess.__doc__ = TaskSpec.preprocess.__doc__
 
+    def preprocess_partitions(self, partitions, tokenizer) -> list[datasets.Dataset]:
+        """Each partition gets its own lazy transform: nothing is computed here, so there is no pass to share."""
+        return [self.preprocess(partition, tokenizer, name=f"client {i}") for i, partition in enumerate(partitions)]
+
     def collator(self, tokenizer=None) -> SelectKeys:
         # Stacks `pixel_values`; `labels` goes in as `label` so that DefaultDataCollator makes it int64.
         return SelectKeys(DefaultDataCollator(return_tensors="pt"), self.model_input_names, {"labels": "label"})
