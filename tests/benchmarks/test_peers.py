@@ -79,3 +79,47 @@ def test_openfedllm_round_dataset_is_their_per_round_draw(peers):
     assert len(first) == 16 and len(set(first["i"])) == 16  # batch x steps distinct rows
     assert first["i"] == peers.openfedllm_dataset_this_round(client, 0, 8, 1, 2)["i"]  # random.seed(round)
     assert len(peers.openfedllm_dataset_this_round(client.select(range(5)), 1, 8, 1, 2)) == 5  # all a small client has
+
+
+def _run(variant, rss_gib, seconds, cpu_seconds, pass_index=1, num_clients=100):
+    return {"design": variant.split("-")[0] if variant.startswith("flower") else variant, "variant": variant,
+            "num_clients": num_clients, "pass": pass_index, "ok": True, "peak_tree_rss_bytes": rss_gib * 2**30,
+            "peak_tree_pss_bytes": rss_gib * 2**30, "median_round_seconds_after_first": seconds,
+            "median_round_tree_cpu_seconds_after_first": cpu_seconds}  # fmt: skip
+
+
+def test_goals_compare_runs_per_pass_and_at_the_same_cores(peers):
+    runs = [
+        _run("peft-fed", 1.0, 13.0, 13.0), _run("peft-fed-2proc", 2.4, 9.0, 13.5), _run("openfedllm", 1.02, 18.0, 17.0),
+        _run("flower-2cpu", 3.4, 20.0, 19.0), _run("flower-1cpu", 2.4, 20.0, 19.0),
+        _run("peft-fed", 1.0, 30.0, 13.0, pass_index=2), _run("peft-fed-2proc", 2.4, 9.0, 13.5, pass_index=2),
+        _run("openfedllm", 1.0, 18.0, 17.0, pass_index=2), _run("flower-2cpu", 3.4, 20.0, 19.0, pass_index=2),
+        _run("flower-1cpu", 2.4, 20.0, 19.0, pass_index=2),
+    ]  # fmt: skip
+    goal = peers.goals(runs, SimpleNamespace(num_clients=[100], passes=2))
+    first, second = goal["100, pass 1"], goal["100, pass 2"]
+    one_core, two_cores = first["same_cores"]["1 core"], first["same_cores"]["2 cores"]
+    assert set(one_core) >= {"openfedllm", "flower-1cpu"} and "flower-2cpu" not in one_core
+    assert one_core["openfedllm"]["peft_fed_memory"] == "within noise"  # 1.02x: inside the 5% margin
+    assert one_core["openfedllm"]["peft_fed_time"] == "ahead" and one_core["reached"] is False
+    assert two_cores["peft_fed_run"] == "peft-fed-2proc" and set(two_cores) >= {"flower-2cpu"}
+    assert "openfedllm" not in two_cores and two_cores["reached"] is True
+    assert two_cores["flower-2cpu"]["round_seconds_ratio_peer_to_peft_fed"] == pytest.approx(20.0 / 9.0)
+    # each pass reads its own runs: peft-fed's slow round in pass 2 puts it behind there only
+    assert second["same_cores"]["1 core"]["openfedllm"]["peft_fed_time"] == "behind"
+    assert first["openfedllm"]["peft_fed_time"] == "ahead"
+
+
+def test_adapter_difference_and_launcher(peers, tmp_path):
+    a = {"x.lora_A.weight": torch.ones(2, 3), "classifier.weight": torch.zeros(4)}
+    torch.save(a, tmp_path / "a.pt")
+    torch.save(a, tmp_path / "same.pt")
+    torch.save({**a, "classifier.weight": torch.full((4,), 0.25)}, tmp_path / "b.pt")
+    assert peers.adapter_difference(tmp_path / "a.pt", tmp_path / "same.pt") == {
+        "same_keys": True, "tensors": 2, "max_abs_difference": 0.0, "bit_identical": True}  # fmt: skip
+    moved = peers.adapter_difference(tmp_path / "a.pt", tmp_path / "b.pt")
+    assert moved["max_abs_difference"] == 0.25 and moved["bit_identical"] is False
+    launcher = peers.two_process_launcher()
+    assert launcher[1:5] == ["-m", "torch.distributed.run", "--nproc_per_node", "2"]
+    assert launcher[launcher.index("--master_addr") + 1] == "127.0.0.1"
+    assert 0 < int(launcher[launcher.index("--master_port") + 1]) < 65536
