@@ -20,7 +20,18 @@ The protocol, fixed before it was run:
 3. **Rule**: the phase-1 winner becomes the default, unless its mean seed disagreement on the real cubes is more
    than twice another finalist's; then the finalist with the lowest disagreement is taken.
 
-Writes ``phase1.json``, ``phase2.json``, ``selection.json`` (the choice and why) and ``summary.md``.
+Writes ``phase1.json``, ``phase2.json``, ``selection.json`` (the choice and why) and ``summary.md``; every
+finished run is also appended to ``runs.jsonl`` as it ends, and a rerun into the same folder with the same
+schedule reuses those runs instead of training them again.
+
+Rounds (``--round``): **1** (default) are the first candidates, every combination of k-means features, the
+blind stage's volume pull and early stopping, scored against the defaults before issue 17 (``raw_volume0``).
+**2** changes one of the choices the first round left unexamined at a time, from the defaults round 1 chose
+(``current_defaults``, pinned in :data:`ROUND2_REFERENCE` so the round does not move when a default does):
+k-means with 2 or 3 clusters per endmember merged back to p by spectral angle, the AN's window 1 or 5, the
+blind stage's learning rate x0.3 or x3 and its length x0.5 or x2 (of ``--blind_steps``). Same phases, same
+rule; scores are relative to ``current_defaults``. ``--candidates`` runs a subset (the round's reference always
+runs), e.g. the learning-rate rows again at a longer schedule.
 """
 
 from __future__ import annotations
@@ -42,7 +53,7 @@ try:
 except ImportError:  # run from a source checkout without installing the package
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from peft_fed.unmixing.config import GaussTrainingConfig  # noqa: E402
+from peft_fed.unmixing.config import GaussConfig, GaussTrainingConfig  # noqa: E402
 from peft_fed.unmixing.data import load_scene  # noqa: E402
 from peft_fed.unmixing.metrics import evaluate_unmixing, match_endmembers, spectral_angle  # noqa: E402
 from peft_fed.unmixing.synthetic import SyntheticSceneConfig, generate_scene  # noqa: E402
@@ -57,12 +68,46 @@ CANDIDATES = {
         "kmeans_features": features,
         "blind_volume_weight": volume,
         "blind_holdout_fraction": holdout,
+        "blind_learning_rate": 3e-4,  # the default when round 1 ran, pinned so round 1 reproduces whatever the default
     }
     for features in ("raw", "normalized")
     for volume in (0.0, MISICNET_VOLUME_WEIGHT)
     for holdout in (0.0, 0.1)
 }
 PREVIOUS_DEFAULTS = "raw_volume0"
+
+ROUND2_REFERENCE = {
+    "kmeans_features": "raw",
+    "blind_volume_weight": 0.0,
+    "blind_holdout_fraction": 0.1,
+    "kmeans_clusters_per_endmember": 1,
+    "window_size": 3,
+    "blind_learning_rate": 3e-4,
+    "blind_steps_factor": 1.0,
+}
+"""The defaults chosen by round 1, written out: round 2's reference and the start of each of its candidates."""
+
+ROUND2_CANDIDATES = {
+    "current_defaults": dict(ROUND2_REFERENCE),
+    **{
+        name: {**ROUND2_REFERENCE, key: value}
+        for name, key, value in (
+            ("kmeans_clusters_per_endmember2", "kmeans_clusters_per_endmember", 2),
+            ("kmeans_clusters_per_endmember3", "kmeans_clusters_per_endmember", 3),
+            ("window1", "window_size", 1),
+            ("window5", "window_size", 5),
+            ("blind_lr_x0.3", "blind_learning_rate", 0.3 * ROUND2_REFERENCE["blind_learning_rate"]),
+            ("blind_lr_x3", "blind_learning_rate", 3.0 * ROUND2_REFERENCE["blind_learning_rate"]),
+            ("blind_length_x0.5", "blind_steps_factor", 0.5),
+            ("blind_length_x2", "blind_steps_factor", 2.0),
+        )
+    },
+}
+
+ROUNDS = {1: (CANDIDATES, PREVIOUS_DEFAULTS), 2: (ROUND2_CANDIDATES, "current_defaults")}
+"""Per round: the candidates and the one every score is relative to."""
+
+_MODEL_FIELDS = ("window_size",)
 
 DEVELOPMENT_SCENES = {
     "p3_pure_30db": SyntheticSceneConfig(rows=48, cols=48, num_endmembers=3, snr_db=30.0, pure_pixels=True, seed=1),
@@ -72,14 +117,25 @@ DEVELOPMENT_SCENES = {
 }
 
 
+def _settings(candidate: str, args: argparse.Namespace) -> dict:
+    return ROUNDS[args.round][0][candidate]
+
+
 def _training(candidate: str, seed: int, args: argparse.Namespace) -> GaussTrainingConfig:
+    settings = {k: v for k, v in _settings(candidate, args).items() if k not in _MODEL_FIELDS}
+    factor = settings.pop("blind_steps_factor", 1.0)
     return GaussTrainingConfig(
         stage1_steps=args.stage1_steps,
-        blind_steps=args.blind_steps,
+        blind_steps=int(round(factor * args.blind_steps)),
         seed=seed,
         show_progress=False,
-        **CANDIDATES[candidate],
+        **settings,
     )
+
+
+def _model(candidate: str, bands: int, num_endmembers: int, args: argparse.Namespace) -> GaussConfig:
+    settings = {k: v for k, v in _settings(candidate, args).items() if k in _MODEL_FIELDS}
+    return GaussConfig(num_bands=bands, num_endmembers=num_endmembers, **settings)
 
 
 def _generated_job(candidate: str, scene_name: str, args: argparse.Namespace) -> dict:
@@ -87,7 +143,9 @@ def _generated_job(candidate: str, scene_name: str, args: argparse.Namespace) ->
     with threadpool_limits(limits=1):
         scene = generate_scene(DEVELOPMENT_SCENES[scene_name])
         start = time.perf_counter()
-        fitted = fit_gauss(scene.cube, scene.num_reference_endmembers, "gauss_blind", None, _training(candidate, 0, args))
+        p = scene.num_reference_endmembers
+        model = _model(candidate, scene.cube.shape[-1], p, args)
+        fitted = fit_gauss(scene.cube, p, "gauss_blind", model, _training(candidate, 0, args))
         wall = time.perf_counter() - start
     record = {"candidate": candidate, "scene": scene_name, "wall_time_s": wall}
     for variant, (endmembers, abundances, reconstruction) in {
@@ -113,7 +171,8 @@ def _real_job(candidate: str, folder: str, seed: int, args: argparse.Namespace) 
     cube, num_endmembers = scene.cube, scene.num_reference_endmembers
     with threadpool_limits(limits=1):
         start = time.perf_counter()
-        fitted = fit_gauss(cube, num_endmembers, "gauss_blind", None, _training(candidate, seed, args))
+        model = _model(candidate, cube.shape[-1], num_endmembers, args)
+        fitted = fit_gauss(cube, num_endmembers, "gauss_blind", model, _training(candidate, seed, args))
         wall = time.perf_counter() - start
     reconstruction_rmse = float(np.sqrt(np.mean((fitted.reconstruction - cube) ** 2)))
     record = {
@@ -134,8 +193,9 @@ def seed_disagreement(first: np.ndarray, second: np.ndarray) -> float:
     return float(np.mean([spectral_angle(second[:, order[k]], first[:, k]) for k in range(first.shape[1])]))
 
 
-def phase1_scores(records: list[dict]) -> dict[str, float]:
-    """Each candidate's mean over scenes of ``(SAD / SAD_previous + aRMSE / aRMSE_previous) / 2`` (GAUSS_blind)."""
+def phase1_scores(records: list[dict], reference: str = PREVIOUS_DEFAULTS) -> dict[str, float]:
+    """Each candidate's mean over scenes of ``(SAD / SAD_ref + aRMSE / aRMSE_ref) / 2`` (GAUSS_blind), relative to
+    the ``reference`` candidate on the same scene."""
     by_key = {(record["candidate"], record["scene"]): record["gauss_blind"] for record in records}
     scenes = sorted({record["scene"] for record in records})
     candidates = sorted({record["candidate"] for record in records})
@@ -143,7 +203,7 @@ def phase1_scores(records: list[dict]) -> dict[str, float]:
     for candidate in candidates:
         ratios = []
         for scene in scenes:
-            own, previous = by_key[(candidate, scene)], by_key[(PREVIOUS_DEFAULTS, scene)]
+            own, previous = by_key[(candidate, scene)], by_key[(reference, scene)]
             ratios.append(0.5 * (own["sad_mean"] / previous["sad_mean"] + own["armse"] / previous["armse"]))
         scores[candidate] = float(np.mean(ratios))
     return scores
@@ -173,7 +233,52 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--blind_steps", type=int, default=1000)
     parser.add_argument("--finalists", type=int, default=2, help="phase-1 candidates taken to the real cubes")
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--round", type=int, choices=sorted(ROUNDS), default=1, help="candidate set (see above)")
+    parser.add_argument(
+        "--candidates",
+        default="",
+        help="comma-separated subset of the round's candidates (its reference is always run); default: all",
+    )
     return parser.parse_args(argv)
+
+
+def _job_key(record: dict) -> tuple:
+    return (record["candidate"], record["scene"], record.get("seed", 0), record["stage1_steps"], record["blind_steps"])
+
+
+class _RunLog:
+    """``runs.jsonl``: every finished run, appended as it ends; runs of the same candidate, scene, seed and
+    schedule found there are reused by a rerun into the same folder."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.reused = 0
+        self.done = {}
+        if path.exists():
+            for line in path.read_text().splitlines():
+                if line.strip():
+                    record = json.loads(line)
+                    self.done[_job_key(record)] = record
+
+    def run(self, pool, jobs: list[tuple], function, args: argparse.Namespace) -> list[dict]:
+        keys = [
+            (job[0], Path(job[1]).name, job[2] if len(job) > 2 else 0, args.stage1_steps, args.blind_steps)
+            for job in jobs
+        ]
+        futures = {
+            key: pool.submit(function, *job, args) for key, job in zip(keys, jobs, strict=True) if key not in self.done
+        }
+        records = []
+        for key in keys:
+            if key in futures:
+                record = {**futures[key].result(), "stage1_steps": args.stage1_steps, "blind_steps": args.blind_steps}
+                with self.path.open("a") as handle:
+                    handle.write(json.dumps(record) + "\n")
+                self.done[key] = record
+            else:
+                self.reused += 1
+            records.append(self.done[key])
+        return records
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -181,16 +286,24 @@ def main(argv: list[str] | None = None) -> int:
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     command = "python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])])
+    candidates, reference = ROUNDS[args.round]
+    if args.candidates:
+        names = [name for name in args.candidates.split(",") if name]
+        unknown = sorted(set(names) - set(candidates))
+        if unknown:
+            raise SystemExit(f"unknown candidates of round {args.round}: {', '.join(unknown)}")
+        candidates = {name: settings for name, settings in candidates.items() if name == reference or name in names}
+    log = _RunLog(output_dir / "runs.jsonl")
     start = time.perf_counter()
     with ProcessPoolExecutor(args.workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-        jobs = [(candidate, scene) for candidate in CANDIDATES for scene in DEVELOPMENT_SCENES]
-        phase1 = [future.result() for future in [pool.submit(_generated_job, c, s, args) for c, s in jobs]]
-        scores = phase1_scores(phase1)
+        jobs = [(candidate, scene) for candidate in candidates for scene in DEVELOPMENT_SCENES]
+        phase1 = log.run(pool, jobs, _generated_job, args)
+        scores = phase1_scores(phase1, reference)
         (output_dir / "phase1.json").write_text(json.dumps({"command": command, "scores": scores, "runs": phase1}, indent=2))
         finalists = sorted(scores, key=scores.get)[: args.finalists]
         folders = [folder for folder in args.real.split(",") if folder]
         real_jobs = [(c, folder, seed) for c in finalists for folder in folders for seed in (0, 1)]
-        phase2 = [future.result() for future in [pool.submit(_real_job, c, f, s, args) for c, f, s in real_jobs]]
+        phase2 = log.run(pool, real_jobs, _real_job, args)
     per_scene: dict[str, dict[str, dict]] = {}
     for candidate in finalists:
         for folder in folders:
@@ -208,7 +321,17 @@ def main(argv: list[str] | None = None) -> int:
     (output_dir / "phase2.json").write_text(
         json.dumps({"command": command, "per_scene": per_scene, "disagreement": disagreements, "runs": phase2}, indent=2)
     )
-    selection = {"command": command, "chosen": chosen, "settings": CANDIDATES[chosen], "reason": reason, "wall_time_s": wall}
+    selection = {
+        "command": command,
+        "round": args.round,
+        "reference": reference,
+        "chosen": chosen,
+        "settings": candidates[chosen],
+        "reason": reason,
+        "wall_time_s": wall,
+        "runs_reused_from_runs_jsonl": log.reused,
+        "summed_run_wall_time_s": float(sum(r["wall_time_s"] for r in phase1 + phase2)),
+    }
     (output_dir / "selection.json").write_text(json.dumps(selection, indent=2))
     (output_dir / "summary.md").write_text(_markdown(phase1, scores, per_scene, disagreements, selection))
     print(json.dumps(selection, indent=2))

@@ -16,7 +16,7 @@ local-only, or centralised.
 """
 
 from .autoencoder import AutoencoderConfig, LinearUnmixingAutoencoder, fit_autoencoder
-from .baselines import kmeans_clustering, kmeans_unmixing, nfindr_fclsu, vca_fclsu
+from .baselines import kmeans_clustering, kmeans_unmixing, merge_clusters_by_angle, nfindr_fclsu, vca_fclsu
 from .config import GaussConfig, GaussTrainingConfig
 from .data import HyperspectralScene, load_array, load_cube, load_scene, load_scene_folder
 from .extraction import estimate_snr_db, nfindr, vca
@@ -102,6 +102,7 @@ __all__ = [
     "load_scene",
     "load_scene_folder",
     "match_endmembers",
+    "merge_clusters_by_angle",
     "nfindr",
     "nfindr_fclsu",
     "predict",

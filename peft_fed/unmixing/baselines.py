@@ -12,7 +12,7 @@ from sklearn.cluster import KMeans
 from .extraction import nfindr, vca
 from .fclsu import fclsu
 
-__all__ = ["kmeans_clustering", "kmeans_unmixing", "nfindr_fclsu", "vca_fclsu"]
+__all__ = ["kmeans_clustering", "kmeans_unmixing", "merge_clusters_by_angle", "nfindr_fclsu", "vca_fclsu"]
 
 
 def kmeans_clustering(
@@ -48,6 +48,45 @@ def kmeans_clustering(
     labels = relabel[labels]
     means = np.stack([pixels[labels == k].mean(axis=0) for k in range(num_clusters)], axis=1)
     return labels, means
+
+
+def merge_clusters_by_angle(
+    pixels: np.ndarray, labels: np.ndarray, means: np.ndarray, num_groups: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Merge k clusters into ``num_groups`` by average-linkage agglomeration of their mean spectra under the
+    spectral angle; returns the merged labels ``(num_pixels,)`` and the groups' mean spectra
+    ``(bands, num_groups)``.
+
+    Why this merge (GAUSS's ``kmeans_clusters_per_endmember > 1``): k-means with more clusters than materials
+    splits a material along its brightness (illumination, shade) or its mixtures before it separates two
+    materials; the spectral angle ignores brightness, so merging the over-segmented clusters by angle puts the
+    brightness variants of one material back together and keeps materials of different shape apart. Every pixel
+    keeps a label (unlike keeping only the p largest clusters, which would have to relabel or drop the pixels
+    of the others, and which favours large mixed clusters over small pure ones). Average linkage, so one
+    outlying cluster does not chain two materials together. Reads nothing but the pixels and their clusters.
+    Groups are numbered by their first member, as :func:`kmeans_clustering` numbers its clusters.
+    """
+    from sklearn.cluster import AgglomerativeClustering
+
+    pixels = np.asarray(pixels, dtype=np.float64)
+    num_clusters = means.shape[1]
+    if not 1 <= num_groups <= num_clusters:
+        raise ValueError(f"num_groups must be in [1, {num_clusters}], got {num_groups}")
+    if num_groups == num_clusters:
+        return labels, means
+    unit = means / np.maximum(np.linalg.norm(means, axis=0, keepdims=True), 1e-300)
+    angles = np.arccos(np.clip(unit.T @ unit, -1.0, 1.0))
+    np.fill_diagonal(angles, 0.0)
+    group_of_cluster = AgglomerativeClustering(
+        n_clusters=num_groups, metric="precomputed", linkage="average"
+    ).fit_predict(angles)
+    merged = group_of_cluster[labels]
+    _, first = np.unique(merged, return_index=True)
+    relabel = np.empty(num_groups, dtype=np.int64)
+    relabel[np.argsort(first)] = np.arange(num_groups)
+    merged = relabel[merged]
+    group_means = np.stack([pixels[merged == g].mean(axis=0) for g in range(num_groups)], axis=1)
+    return merged, group_means
 
 
 def kmeans_unmixing(

@@ -102,6 +102,12 @@ def build_parser(prog: str = "peft-fed unmix") -> argparse.ArgumentParser:
         help="do not clamp the MN's linear-mixing weights at zero after each step",
     )
     gauss.add_argument("--kmeans_features", choices=("raw", "normalized"), default=defaults.kmeans_features)
+    gauss.add_argument(
+        "--kmeans_clusters_per_endmember",
+        type=int,
+        default=defaults.kmeans_clusters_per_endmember,
+        help="k-means with this many clusters per endmember, merged back to p by spectral angle (1: k = p)",
+    )
     gauss.add_argument("--prime_extractor", choices=("vca", "nfindr"), default=defaults.prime_extractor)
     gauss.add_argument("--pseudo_loss", choices=("cross_entropy", "mse"), default=defaults.pseudo_loss)
     gauss.add_argument(
@@ -356,6 +362,7 @@ def main(argv: list[str] | None = None) -> int:
         gauss_training = GaussTrainingConfig(
             prime_extractor=args.prime_extractor,
             kmeans_features=args.kmeans_features,
+            kmeans_clusters_per_endmember=args.kmeans_clusters_per_endmember,
             pseudo_loss=args.pseudo_loss,
             reconstruction_loss=args.reconstruction_loss,
             mixup_fraction=args.mixup_fraction,

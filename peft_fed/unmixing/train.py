@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .baselines import kmeans_clustering, nfindr_fclsu, vca_fclsu
+from .baselines import kmeans_clustering, merge_clusters_by_angle, nfindr_fclsu, vca_fclsu
 from .config import GaussConfig, GaussTrainingConfig
 from .model import GaussModel
 from .patches import PixelWindows
@@ -43,6 +43,7 @@ def pseudo_ground_truth(
     seed: int = 0,
     kmeans_features: str = "raw",
     kmeans_restarts: int = 10,
+    kmeans_clusters_per_endmember: int = 1,
 ) -> np.ndarray:
     """Pseudo ground-truth abundances ``(num_pixels, p)`` that guide the UN in stage 1.
 
@@ -50,11 +51,20 @@ def pseudo_ground_truth(
         pixels: ``(num_pixels, bands)``.
         source: ``"kmeans"`` (one-hot cluster labels, k = p: GAUSS needs no other unmixing method),
             ``"vca_fclsu"`` or ``"nfindr_fclsu"`` (GAUSS_prime: a signal-processing method's abundances).
+        kmeans_clusters_per_endmember: with ``"kmeans"``, k = this x p clusters, merged back to p groups by
+            the spectral angle of their means (:func:`~peft_fed.unmixing.baselines.merge_clusters_by_angle`);
+            1 is plain k-means with k = p.
     """
     if source == "kmeans":
-        labels, _ = kmeans_clustering(
-            pixels, num_endmembers, seed=seed, features=kmeans_features, restarts=kmeans_restarts
+        labels, means = kmeans_clustering(
+            pixels,
+            num_endmembers * kmeans_clusters_per_endmember,
+            seed=seed,
+            features=kmeans_features,
+            restarts=kmeans_restarts,
         )
+        if kmeans_clusters_per_endmember > 1:
+            labels, _ = merge_clusters_by_angle(pixels, labels, means, num_endmembers)
         return np.eye(num_endmembers)[labels]
     if source == "vca_fclsu":
         return vca_fclsu(pixels, num_endmembers, seed=seed)[1]
@@ -312,7 +322,7 @@ def fit_gauss(
 ) -> GaussResult:
     """Train GAUSS, GAUSS_blind or GAUSS_prime on a cube ``(rows, cols, bands)`` and unmix it.
 
-    - ``"gauss"``: stage 1 with one-hot k-means pseudo ground truth (k = p);
+    - ``"gauss"``: stage 1 with one-hot k-means pseudo ground truth (k = p, or more clusters merged back to p);
     - ``"gauss_blind"``: the same stage 1, then ``blind_steps`` steps with UN and MN joined;
     - ``"gauss_prime"``: stage 1 with FCLSU abundances on VCA or N-FINDR endmembers as pseudo ground truth.
 
@@ -343,6 +353,7 @@ def fit_gauss(
         seed=training_config.seed,
         kmeans_features=training_config.kmeans_features,
         kmeans_restarts=training_config.kmeans_restarts,
+        kmeans_clusters_per_endmember=training_config.kmeans_clusters_per_endmember,
     )
     timings["pseudo_ground_truth_s"] = time.perf_counter() - start
 

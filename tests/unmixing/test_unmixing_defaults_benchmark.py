@@ -54,3 +54,34 @@ def test_every_candidate_is_a_valid_training_setting():
     assert bench.PREVIOUS_DEFAULTS in bench.CANDIDATES and len(bench.CANDIDATES) == 8
     for settings in bench.CANDIDATES.values():
         GaussTrainingConfig(**settings)
+
+
+def test_round_two_changes_one_choice_at_a_time_from_the_pinned_current_defaults():
+    candidates, reference = bench.ROUNDS[2]
+    assert reference == "current_defaults" and candidates[reference] == bench.ROUND2_REFERENCE
+    changed = {
+        name: {k for k, v in settings.items() if v != bench.ROUND2_REFERENCE[k]} for name, settings in candidates.items()
+    }
+    assert changed.pop(reference) == set()
+    assert all(len(keys) == 1 for keys in changed.values()), changed
+    assert sorted(key for keys in changed.values() for key in keys) == sorted(
+        ["kmeans_clusters_per_endmember"] * 2 + ["window_size"] * 2 + ["blind_learning_rate"] * 2 + ["blind_steps_factor"] * 2
+    )
+    args = bench._parse_args(["--output_dir", "x", "--round", "2", "--blind_steps", "500"])
+    for name in candidates:
+        config = bench._training(name, 0, args)
+        assert config.blind_steps == round(500 * candidates[name]["blind_steps_factor"])
+        assert bench._model(name, 7, 3, args).window_size == candidates[name]["window_size"]
+        assert config.kmeans_clusters_per_endmember == candidates[name]["kmeans_clusters_per_endmember"]
+        assert config.blind_learning_rate == candidates[name]["blind_learning_rate"]
+
+
+def test_scores_can_be_relative_to_another_reference():
+    runs = [_run("current_defaults", "a", 0.1, 0.1), _run("x", "a", 0.2, 0.1)]
+    assert bench.phase1_scores(runs, "current_defaults")["x"] == pytest.approx(1.5)
+
+
+def test_an_unknown_candidate_is_refused_before_any_run(tmp_path):
+    with pytest.raises(SystemExit, match="unknown candidates of round 2: nope"):
+        bench.main(["--round", "2", "--candidates", "blind_lr_x3,nope", "--output_dir", str(tmp_path)])
+    assert not (tmp_path / "runs.jsonl").exists()
