@@ -3,24 +3,11 @@ never above the per-version list or the dense bound, equal to it when every clie
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
-import pytest
-
-DOWNLINK_PATH = Path(__file__).resolve().parents[2] / "benchmarks" / "downlink.py"
 #: rank-8 updates (the default r): 8 * 56 = 448 numbers against 768 for layer "a", so one missed update travels
 #: stacked and two or more dense
 LAYERS = {"a": [32, 24], "b": [24, 40]}
-
-
-@pytest.fixture(scope="module")
-def downlink():
-    spec = importlib.util.spec_from_file_location("downlink", DOWNLINK_PATH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_downlink_benchmark_records_the_bounded_catch_up(downlink, tmp_path):

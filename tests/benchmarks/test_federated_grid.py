@@ -6,22 +6,11 @@ runtime's row format and check the numbers the docs quote (per-seed targets, rou
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 from pathlib import Path
 
 import pytest
-
-GRID_PATH = Path(__file__).resolve().parents[2] / "benchmarks" / "federated_grid.py"
-
-
-@pytest.fixture(scope="module")
-def grid():
-    spec = importlib.util.spec_from_file_location("federated_grid", GRID_PATH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _write_run(path: Path, accuracies: list[float | None], *, first: float = 1.0, last: float = 0.8) -> None:

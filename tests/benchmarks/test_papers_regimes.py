@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
-from test_federated_grid import _args, _write_run, grid  # noqa: F401  (grid is a fixture)
+from test_federated_grid import _args, _write_run
 
 
 def test_iid_partition_runs_every_variant_once_with_the_official_settings(grid, tmp_path, monkeypatch):  # noqa: F811

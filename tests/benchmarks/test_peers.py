@@ -4,8 +4,6 @@ aggregation, so the two designs do the same federated work; no model is loaded."
 from __future__ import annotations
 
 import copy
-import runpy
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -13,12 +11,6 @@ import torch
 
 from peft_fed.state import LayerSpec, Upload
 from peft_fed.strategies import get_strategy
-
-
-@pytest.fixture(scope="module")
-def peers():
-    """The benchmark's functions (its top level imports the standard library alone; nothing runs)."""
-    return SimpleNamespace(**runpy.run_path(str(Path(__file__).resolve().parents[2] / "benchmarks" / "peers.py")))
 
 
 def _peft_state_dict(specs, head, generator):
