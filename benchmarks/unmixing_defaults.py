@@ -31,7 +31,11 @@ blind stage's volume pull and early stopping, scored against the defaults before
 k-means with 2 or 3 clusters per endmember merged back to p by spectral angle, the AN's window 1 or 5, the
 blind stage's learning rate x0.3 or x3 and its length x0.5 or x2 (of ``--blind_steps``). Same phases, same
 rule; scores are relative to ``current_defaults``. ``--candidates`` runs a subset (the round's reference always
-runs), e.g. the learning-rate rows again at a longer schedule.
+runs), e.g. the learning-rate rows again at a longer schedule. **3** scores the blind stage with the MN frozen
+(``blind_freeze_mixing``: the UN is refitted to stage 1's endmembers, which cannot drift) against the defaults.
+**4** scores GAUSS_prime's pseudo ground truth, FCLSU on VCA's endmembers (the default) or on N-FINDR's: its
+candidates train and are scored as GAUSS_prime, in both phases. Both written before they ran, with the same
+phases, score and rule.
 """
 
 from __future__ import annotations
@@ -104,8 +108,28 @@ ROUND2_CANDIDATES = {
     },
 }
 
-ROUNDS = {1: (CANDIDATES, PREVIOUS_DEFAULTS), 2: (ROUND2_CANDIDATES, "current_defaults")}
-"""Per round: the candidates and the one every score is relative to."""
+ROUND3_CANDIDATES = {
+    "current_defaults": dict(ROUND2_REFERENCE),
+    "blind_freeze_mixing": {**ROUND2_REFERENCE, "blind_freeze_mixing": True},
+}
+"""Round 3, the blind stage's drift: joined UN and MN (the defaults) against the UN alone refitted to stage 1's
+fixed MN, which cannot move the endmembers."""
+
+ROUND4_CANDIDATES = {
+    "prime_vca": {**ROUND2_REFERENCE, "prime_extractor": "vca"},
+    "prime_nfindr": {**ROUND2_REFERENCE, "prime_extractor": "nfindr"},
+}
+"""Round 4, GAUSS_prime's pseudo ground truth: FCLSU on VCA's endmembers (the default since GAUSS_prime was
+built, picked as the most widely used, never scored) against FCLSU on N-FINDR's."""
+
+ROUNDS = {
+    1: (CANDIDATES, PREVIOUS_DEFAULTS, "gauss_blind"),
+    2: (ROUND2_CANDIDATES, "current_defaults", "gauss_blind"),
+    3: (ROUND3_CANDIDATES, "current_defaults", "gauss_blind"),
+    4: (ROUND4_CANDIDATES, "prime_vca", "gauss_prime"),
+}
+"""Per round: the candidates, the one every score is relative to, and the GAUSS variant that is trained and
+scored (GAUSS_blind's runs also record its stage 1, which is GAUSS)."""
 
 _MODEL_FIELDS = ("window_size",)
 
@@ -145,13 +169,14 @@ def _generated_job(candidate: str, scene_name: str, args: argparse.Namespace) ->
         start = time.perf_counter()
         p = scene.num_reference_endmembers
         model = _model(candidate, scene.cube.shape[-1], p, args)
-        fitted = fit_gauss(scene.cube, p, "gauss_blind", model, _training(candidate, 0, args))
+        variant = ROUNDS[args.round][2]
+        fitted = fit_gauss(scene.cube, p, variant, model, _training(candidate, 0, args))
         wall = time.perf_counter() - start
     record = {"candidate": candidate, "scene": scene_name, "wall_time_s": wall}
-    for variant, (endmembers, abundances, reconstruction) in {
-        "gauss": (fitted.stage1["endmembers"], fitted.stage1["abundances"], fitted.stage1["reconstruction"]),
-        "gauss_blind": (fitted.endmembers, fitted.abundances, fitted.reconstruction),
-    }.items():
+    outputs = {variant: (fitted.endmembers, fitted.abundances, fitted.reconstruction)}
+    if fitted.stage1 is not None:
+        outputs["gauss"] = (fitted.stage1["endmembers"], fitted.stage1["abundances"], fitted.stage1["reconstruction"])
+    for variant, (endmembers, abundances, reconstruction) in outputs.items():
         metrics = evaluate_unmixing(
             endmembers, abundances, scene.endmembers, scene.abundances, cube=scene.cube, reconstruction=reconstruction
         )
@@ -172,7 +197,7 @@ def _real_job(candidate: str, folder: str, seed: int, args: argparse.Namespace) 
     with threadpool_limits(limits=1):
         start = time.perf_counter()
         model = _model(candidate, cube.shape[-1], num_endmembers, args)
-        fitted = fit_gauss(cube, num_endmembers, "gauss_blind", model, _training(candidate, seed, args))
+        fitted = fit_gauss(cube, num_endmembers, ROUNDS[args.round][2], model, _training(candidate, seed, args))
         wall = time.perf_counter() - start
     reconstruction_rmse = float(np.sqrt(np.mean((fitted.reconstruction - cube) ** 2)))
     record = {
@@ -193,10 +218,12 @@ def seed_disagreement(first: np.ndarray, second: np.ndarray) -> float:
     return float(np.mean([spectral_angle(second[:, order[k]], first[:, k]) for k in range(first.shape[1])]))
 
 
-def phase1_scores(records: list[dict], reference: str = PREVIOUS_DEFAULTS) -> dict[str, float]:
-    """Each candidate's mean over scenes of ``(SAD / SAD_ref + aRMSE / aRMSE_ref) / 2`` (GAUSS_blind), relative to
-    the ``reference`` candidate on the same scene."""
-    by_key = {(record["candidate"], record["scene"]): record["gauss_blind"] for record in records}
+def phase1_scores(
+    records: list[dict], reference: str = PREVIOUS_DEFAULTS, variant: str = "gauss_blind"
+) -> dict[str, float]:
+    """Each candidate's mean over scenes of ``(SAD / SAD_ref + aRMSE / aRMSE_ref) / 2`` (of the GAUSS ``variant``),
+    relative to the ``reference`` candidate on the same scene."""
+    by_key = {(record["candidate"], record["scene"]): record[variant] for record in records}
     scenes = sorted({record["scene"] for record in records})
     candidates = sorted({record["candidate"] for record in records})
     scores = {}
@@ -286,7 +313,7 @@ def main(argv: list[str] | None = None) -> int:
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     command = "python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])])
-    candidates, reference = ROUNDS[args.round]
+    candidates, reference, variant = ROUNDS[args.round]
     if args.candidates:
         names = [name for name in args.candidates.split(",") if name]
         unknown = sorted(set(names) - set(candidates))
@@ -298,7 +325,7 @@ def main(argv: list[str] | None = None) -> int:
     with ProcessPoolExecutor(args.workers, mp_context=multiprocessing.get_context("spawn")) as pool:
         jobs = [(candidate, scene) for candidate in candidates for scene in DEVELOPMENT_SCENES]
         phase1 = log.run(pool, jobs, _generated_job, args)
-        scores = phase1_scores(phase1, reference)
+        scores = phase1_scores(phase1, reference, variant)
         (output_dir / "phase1.json").write_text(json.dumps({"command": command, "scores": scores, "runs": phase1}, indent=2))
         finalists = sorted(scores, key=scores.get)[: args.finalists]
         folders = [folder for folder in args.real.split(",") if folder]
@@ -325,6 +352,7 @@ def main(argv: list[str] | None = None) -> int:
         "command": command,
         "round": args.round,
         "reference": reference,
+        "variant": variant,
         "chosen": chosen,
         "settings": candidates[chosen],
         "reason": reason,
@@ -340,22 +368,27 @@ def main(argv: list[str] | None = None) -> int:
 
 def _markdown(phase1, scores, per_scene, disagreements, selection) -> str:
     scenes = list(DEVELOPMENT_SCENES)
+    variant = selection["variant"]
     by_key = {(r["candidate"], r["scene"]): r for r in phase1}
+    with_stage1 = all("gauss" in record for record in phase1)
     lines = [
         f"Command: `{selection['command']}`; wall time {selection['wall_time_s']:.0f} s.",
         "",
-        "Phase 1, generated scenes: GAUSS_blind mean SAD (rad) / aRMSE per scene, GAUSS (its stage 1) mean SAD, score",
+        f"Phase 1, generated scenes: {variant} mean SAD (rad) / aRMSE per scene"
+        + (", GAUSS (its stage 1) mean SAD" if with_stage1 else "")
+        + ", score",
         "",
-        "| candidate | " + " | ".join(scenes) + " | GAUSS SAD, mean over scenes | score |",
-        "|---|" + "---|" * (len(scenes) + 2),
+        "| candidate | " + " | ".join(scenes) + (" | GAUSS SAD, mean over scenes" if with_stage1 else "") + " | score |",
+        "|---|" + "---|" * (len(scenes) + 1 + with_stage1),
     ]
     for candidate in sorted(scores, key=scores.get):
         cells = [
-            f"{by_key[(candidate, s)]['gauss_blind']['sad_mean']:.4f} / {by_key[(candidate, s)]['gauss_blind']['armse']:.4f}"
+            f"{by_key[(candidate, s)][variant]['sad_mean']:.4f} / {by_key[(candidate, s)][variant]['armse']:.4f}"
             for s in scenes
         ]
-        stage1 = np.mean([by_key[(candidate, s)]["gauss"]["sad_mean"] for s in scenes])
-        lines.append(f"| {candidate} | " + " | ".join(cells) + f" | {stage1:.4f} | {scores[candidate]:.4f} |")
+        if with_stage1:
+            cells.append(f"{np.mean([by_key[(candidate, s)]['gauss']['sad_mean'] for s in scenes]):.4f}")
+        lines.append(f"| {candidate} | " + " | ".join(cells) + f" | {scores[candidate]:.4f} |")
     lines += ["", "Phase 2, real cubes (no reference): seed disagreement (rad) / reconstruction RMSE", ""]
     for candidate, scenes_of in per_scene.items():
         cells = ", ".join(

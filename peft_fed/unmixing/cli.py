@@ -123,6 +123,11 @@ def build_parser(prog: str = "peft-fed unmix") -> argparse.ArgumentParser:
         help="minimum-volume pull of the endmembers toward the mean spectrum in the blind stage",
     )
     gauss.add_argument(
+        "--blind_freeze_mixing",
+        action="store_true",
+        help="blind stage trains the UN only, against stage 1's MN held fixed (the endmembers do not move)",
+    )
+    gauss.add_argument(
         "--blind_holdout_fraction",
         type=float,
         default=defaults.blind_holdout_fraction,
@@ -369,6 +374,7 @@ def main(argv: list[str] | None = None) -> int:
             mn_nonlinear_weight=args.mn_nonlinear_weight,
             blind_pseudo_weight=args.blind_pseudo_weight,
             blind_volume_weight=args.blind_volume_weight,
+            blind_freeze_mixing=args.blind_freeze_mixing,
             blind_holdout_fraction=args.blind_holdout_fraction,
             blind_check_every=args.blind_check_every,
             nonnegative_mixing=not args.no_nonnegative_mixing,

@@ -302,6 +302,11 @@ def _blind_config(training_config: GaussTrainingConfig) -> GaussTrainingConfig:
             "federated unmixing adapts with the blind (reconstruction) loss, which needs no pseudo labels; "
             f"set blind_pseudo_weight=0 (got {training_config.blind_pseudo_weight})"
         )
+    if training_config.blind_freeze_mixing:
+        raise ValueError(
+            "federated unmixing adapts the layers named by target_modules; leave the MN's layers out of "
+            "target_modules instead of setting blind_freeze_mixing"
+        )
     return dataclasses.replace(training_config, show_progress=False)
 
 

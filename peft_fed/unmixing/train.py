@@ -7,9 +7,10 @@ each client calls it on its own pixels, with its own pseudo ground truth, for it
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -382,20 +383,22 @@ def fit_gauss(
         timings["stage1_read_out_s"] = time.perf_counter() - start
     if variant == "gauss_blind" and training_config.blind_steps > 0:
         start = time.perf_counter()
-        if training_config.blind_holdout_fraction > 0:
-            history["blind"], history["blind_checks"] = _blind_stage_stopped_early(
-                model, windows, pixels, targets, training_config, description=f"{variant} blind stage"
-            )
-        else:
-            history["blind"] = train_stage(
-                model,
-                windows,
-                training_config.blind_steps,
-                training_config,
-                pseudo_targets=targets if training_config.blind_pseudo_weight > 0 else None,
-                blind=True,
-                description=f"{variant} blind stage",
-            )
+        frozen = list(model.mixing.parameters()) if training_config.blind_freeze_mixing else []
+        with _parameters_frozen(frozen):
+            if training_config.blind_holdout_fraction > 0:
+                history["blind"], history["blind_checks"] = _blind_stage_stopped_early(
+                    model, windows, pixels, targets, training_config, description=f"{variant} blind stage"
+                )
+            else:
+                history["blind"] = train_stage(
+                    model,
+                    windows,
+                    training_config.blind_steps,
+                    training_config,
+                    pseudo_targets=targets if training_config.blind_pseudo_weight > 0 else None,
+                    blind=True,
+                    description=f"{variant} blind stage",
+                )
         timings["blind_s"] = time.perf_counter() - start
 
     final = _read_out(model, windows, rows, cols)
@@ -410,6 +413,20 @@ def fit_gauss(
         timings=timings,
         stage1=stage1,
     )
+
+
+@contextlib.contextmanager
+def _parameters_frozen(parameters: list[nn.Parameter]) -> Iterator[None]:
+    """Hold ``parameters`` out of training (no gradient, so no optimizer or clamp touches them) inside the block;
+    each gets its own ``requires_grad`` back afterwards."""
+    previous = [parameter.requires_grad for parameter in parameters]
+    try:
+        for parameter in parameters:
+            parameter.requires_grad_(False)
+        yield
+    finally:
+        for parameter, flag in zip(parameters, previous, strict=True):
+            parameter.requires_grad_(flag)
 
 
 def train_with_early_stopping(

@@ -140,3 +140,49 @@ def test_cli_flags_of_the_new_settings_reach_the_run(tmp_path, linear_scene_fact
     assert main(misicnet) == 0
     settings = json.loads((tmp_path / "misicnet" / "results.json").read_text())["settings"]
     assert settings["spatial_autoencoder_config"]["volume_weight_per_pixel"] == 0.5
+
+
+@pytest.mark.parametrize("holdout", [0.0, 0.2])
+def test_a_frozen_mixing_blind_stage_keeps_stage_ones_endmembers_and_refits_the_abundances(
+    linear_scene_factory, holdout
+):
+    scene, _ = linear_scene_factory(rows=10, cols=10, bands=12, p=3, noise=0.01)
+    config = GaussTrainingConfig(
+        **FAST, blind_freeze_mixing=True, blind_holdout_fraction=holdout, blind_check_every=20, seed=1
+    )
+    result = fit_gauss(scene.cube, 3, "gauss_blind", training_config=config)
+    # The MN did not move (not even by the non-negativity clamp), the UN did, and the MN trains again afterwards.
+    np.testing.assert_array_equal(result.endmembers, result.stage1["endmembers"])
+    assert not np.allclose(result.abundances, result.stage1["abundances"])
+    assert all(parameter.requires_grad for parameter in result.model.mixing.parameters())
+    # The same stage 1 as the joined blind stage (same seed): only the blind stage differs.
+    joined = fit_gauss(
+        scene.cube, 3, "gauss_blind", training_config=GaussTrainingConfig(**{**config.to_dict(), "blind_freeze_mixing": False})
+    )
+    np.testing.assert_array_equal(joined.stage1["endmembers"], result.stage1["endmembers"])
+    assert not np.allclose(joined.endmembers, joined.stage1["endmembers"])
+
+
+def test_a_frozen_mixing_blind_stage_refuses_the_volume_pull_and_federated_adaptation():
+    with pytest.raises(ValueError, match="blind_freeze_mixing holds fixed"):
+        GaussTrainingConfig(blind_freeze_mixing=True, blind_volume_weight=0.1)
+    from peft_fed.unmixing.federated import _blind_config
+
+    with pytest.raises(ValueError, match="leave the MN's layers out of target_modules"):
+        _blind_config(GaussTrainingConfig(blind_freeze_mixing=True))
+
+
+def test_the_frozen_mixing_flag_reaches_the_run(tmp_path, linear_scene_factory):
+    from peft_fed.unmixing.cli import main
+
+    scene, _ = linear_scene_factory(rows=8, cols=8, bands=10, p=3)
+    np.save(tmp_path / "cube.npy", scene.cube)
+    arguments = [
+        *("--data", str(tmp_path / "cube.npy"), "--num_endmembers", "3", "--no_progress", "--no_plots"),
+        *("--method", "gauss_blind", "--stage1_steps", "10", "--blind_steps", "10", "--batch_size", "16"),
+        *("--blind_freeze_mixing", "--output_dir", str(tmp_path / "frozen")),
+    ]
+    assert main(arguments) == 0
+    assert json.loads((tmp_path / "frozen" / "results.json").read_text())["settings"]["gauss_training"][
+        "blind_freeze_mixing"
+    ]

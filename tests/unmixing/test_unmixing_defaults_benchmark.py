@@ -57,7 +57,8 @@ def test_every_candidate_is_a_valid_training_setting():
 
 
 def test_round_two_changes_one_choice_at_a_time_from_the_pinned_current_defaults():
-    candidates, reference = bench.ROUNDS[2]
+    candidates, reference, variant = bench.ROUNDS[2]
+    assert variant == "gauss_blind"
     assert reference == "current_defaults" and candidates[reference] == bench.ROUND2_REFERENCE
     changed = {
         name: {k for k, v in settings.items() if v != bench.ROUND2_REFERENCE[k]} for name, settings in candidates.items()
@@ -85,3 +86,27 @@ def test_an_unknown_candidate_is_refused_before_any_run(tmp_path):
     with pytest.raises(SystemExit, match="unknown candidates of round 2: nope"):
         bench.main(["--round", "2", "--candidates", "blind_lr_x3,nope", "--output_dir", str(tmp_path)])
     assert not (tmp_path / "runs.jsonl").exists()
+
+
+@pytest.mark.parametrize(
+    ("round_number", "variant", "changed_key"),
+    [(3, "gauss_blind", "blind_freeze_mixing"), (4, "gauss_prime", "prime_extractor")],
+)
+def test_rounds_three_and_four_change_one_choice_and_train_their_variant(round_number, variant, changed_key):
+    candidates, reference, round_variant = bench.ROUNDS[round_number]
+    assert round_variant == variant and len(candidates) == 2
+    (other,) = set(candidates) - {reference}
+    assert {k for k in candidates[other] if candidates[other][k] != candidates[reference].get(k)} == {changed_key}
+    args = bench._parse_args(["--output_dir", "x", "--round", str(round_number)])
+    for name in candidates:
+        assert getattr(bench._training(name, 0, args), changed_key) == candidates[name].get(
+            changed_key, getattr(bench._training(reference, 0, args), changed_key)
+        )
+
+
+def test_scores_read_the_rounds_variant():
+    runs = [
+        {"candidate": "prime_vca", "scene": "a", "gauss_prime": {"sad_mean": 0.2, "armse": 0.1}},
+        {"candidate": "prime_nfindr", "scene": "a", "gauss_prime": {"sad_mean": 0.1, "armse": 0.1}},
+    ]
+    assert bench.phase1_scores(runs, "prime_vca", "gauss_prime")["prime_nfindr"] == pytest.approx(0.75)

@@ -97,3 +97,13 @@ def test_bad_arguments_are_one_line_errors(tmp_path, capsys):
     assert "give --data and/or --synthetic" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         bench.main([])
+
+
+def test_only_the_default_pseudo_ground_truth_of_gauss_prime_counts_in_the_verdict():
+    from peft_fed.unmixing.config import GaussTrainingConfig
+
+    default = GaussTrainingConfig().prime_extractor
+    for extractor in ("vca", "nfindr"):
+        entry = bench.ENTRIES_BY_NAME[f"gauss_prime_{extractor}"]
+        assert entry.family == (bench.GAUSS if extractor == default else bench.ABLATION)
+    assert f"gauss_prime_{default}" in bench.COMPARISON
