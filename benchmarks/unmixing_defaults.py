@@ -176,11 +176,11 @@ def _generated_job(candidate: str, scene_name: str, args: argparse.Namespace) ->
     outputs = {variant: (fitted.endmembers, fitted.abundances, fitted.reconstruction)}
     if fitted.stage1 is not None:
         outputs["gauss"] = (fitted.stage1["endmembers"], fitted.stage1["abundances"], fitted.stage1["reconstruction"])
-    for variant, (endmembers, abundances, reconstruction) in outputs.items():
+    for output_name, (endmembers, abundances, reconstruction) in outputs.items():
         metrics = evaluate_unmixing(
             endmembers, abundances, scene.endmembers, scene.abundances, cube=scene.cube, reconstruction=reconstruction
         )
-        record[variant] = {
+        record[output_name] = {
             "sad_mean": metrics.sad_mean,
             "armse": metrics.armse,
             "reconstruction_rmse": metrics.reconstruction_rmse,
