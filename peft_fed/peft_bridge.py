@@ -352,6 +352,21 @@ def adapters_disabled(model: nn.Module, adapter_name: str = "default") -> Iterat
             layer._disable_adapters = flag
 
 
+@contextlib.contextmanager
+def parameters_frozen(parameters: Iterable[torch.Tensor]) -> Iterator[None]:
+    """Hold ``parameters`` out of autograd inside the block (no gradient, so no optimizer step or clamp that
+    checks ``requires_grad`` touches them); each gets its own ``requires_grad`` back afterwards."""
+    parameters = list(parameters)
+    flags = [parameter.requires_grad for parameter in parameters]
+    try:
+        for parameter in parameters:
+            parameter.requires_grad_(False)
+        yield
+    finally:
+        for parameter, flag in zip(parameters, flags, strict=True):
+            parameter.requires_grad_(flag)
+
+
 def full_weight_gradients(
     model: nn.Module,
     batches: Iterable[Mapping[str, torch.Tensor]],
@@ -394,13 +409,11 @@ def full_weight_gradients(
     count = 0
     was_training = model.training
     params = list(model.parameters())
-    flags = [p.requires_grad for p in params]
     handles = [layer.register_forward_hook(capture(name)) for name, layer in layers.items()]
     try:
-        for p in params:
-            p.requires_grad_(False)
         model.eval()
         with (
+            parameters_frozen(params),
             backbone_offsets(model, offsets or {}, adapter_name),
             adapters_disabled(model, adapter_name),
             _forward_ready(model, params),
@@ -425,8 +438,6 @@ def full_weight_gradients(
     finally:
         for handle in handles:
             handle.remove()
-        for p, flag in zip(params, flags, strict=True):
-            p.requires_grad_(flag)
         model.train(was_training)
     if count == 0:
         raise ValueError("full_weight_gradients got no batch: the client has no data for gradient estimation")

@@ -7,10 +7,9 @@ each client calls it on its own pixels, with its own pseudo ground truth, for it
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -18,6 +17,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .. import peft_bridge
 from .baselines import kmeans_clustering, merge_clusters_by_angle, nfindr_fclsu, vca_fclsu
 from .config import GaussConfig, GaussTrainingConfig
 from .model import GaussModel
@@ -384,7 +384,7 @@ def fit_gauss(
     if variant == "gauss_blind" and training_config.blind_steps > 0:
         start = time.perf_counter()
         frozen = list(model.mixing.parameters()) if training_config.blind_freeze_mixing else []
-        with _parameters_frozen(frozen):
+        with peft_bridge.parameters_frozen(frozen):
             if training_config.blind_holdout_fraction > 0:
                 history["blind"], history["blind_checks"] = _blind_stage_stopped_early(
                     model, windows, pixels, targets, training_config, description=f"{variant} blind stage"
@@ -413,20 +413,6 @@ def fit_gauss(
         timings=timings,
         stage1=stage1,
     )
-
-
-@contextlib.contextmanager
-def _parameters_frozen(parameters: list[nn.Parameter]) -> Iterator[None]:
-    """Hold ``parameters`` out of training (no gradient, so no optimizer or clamp touches them) inside the block;
-    each gets its own ``requires_grad`` back afterwards."""
-    previous = [parameter.requires_grad for parameter in parameters]
-    try:
-        for parameter in parameters:
-            parameter.requires_grad_(False)
-        yield
-    finally:
-        for parameter, flag in zip(parameters, previous, strict=True):
-            parameter.requires_grad_(flag)
 
 
 def train_with_early_stopping(
